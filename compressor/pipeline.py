@@ -42,11 +42,25 @@ def compress(
     out = Path(out)
     check_out_dir(out, overwrite)
     work = _prepare_work_dir(recipe, out, resume, overwrite, log)
+    try:
+        report = _run(recipe, out, work, resume, overwrite, log, show_progress)
+    except BaseException:
+        # Keep checkpoints for --resume; a run that failed before saving any has nothing worth keeping.
+        if not any((work / "checkpoints").glob("*.pt")):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"artifact written to {out}")
+    return report
+
+
+def _run(recipe: Recipe, out: Path, work: Path, resume: bool, overwrite: bool, log, show_progress: bool) -> dict[str, Any]:
     torch.manual_seed(recipe.seed)
+    # Cheap checks first: models and data must load before the teacher trains for minutes.
+    student = build_model(recipe.student, "student")
     data = build_data(recipe.data.source, recipe.data.batch_size, recipe.data.val_fraction, recipe.seed, recipe.data.kwargs)
     ctx = RunContext(recipe=recipe, data=data, teacher=None, work_dir=work, resume=resume, log=log, show_progress=show_progress)
     ctx.teacher = build_teacher(recipe, ctx)
-    student = build_model(recipe.student, "student")
     state = ModelState(module=student, example_inputs=example_from_batch(next(iter(data.val))[0]))
 
     baseline = {"teacher": _metrics(ctx.teacher, data, recipe) if ctx.teacher is not None else {}}
@@ -82,8 +96,6 @@ def compress(
         publish(staging, out, manifest, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(work, ignore_errors=True)
-    log(f"artifact written to {out}")
     return report
 
 

@@ -243,7 +243,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise RecipeError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    data = apply_overrides(data if isinstance(data, dict) else data, overrides or [])
+    if isinstance(data, dict):
+        data = apply_overrides(data, overrides or [])
     return parse_recipe(data, source=str(path), base_dir=path.parent.resolve())
 
 

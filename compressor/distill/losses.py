@@ -52,6 +52,7 @@ class DistillLoss(nn.Module):
 
     needs: tuple[str, ...] = ("output",)
     learned: bool = False  # True when prepare() may create trainable parameters
+    uses_teacher: bool = True  # False only for the label-only baseline ('ce')
 
     def __init__(self, layer_map: LayerMap = None):
         super().__init__()
@@ -228,7 +229,9 @@ def _mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
     return torch.logaddexp(log_a + wa, log_b + wb)
 
 
-def _check_range(loss: DistillLoss, name: str, value: float, low: float, high: float, *, closed_high: bool) -> None:
+def _check_range(
+    loss: DistillLoss, name: str, value: float, low: float, high: float, *, closed_high: bool
+) -> None:
     ok = low <= value <= high if closed_high else low <= value < high
     if not ok:
         bracket = "]" if closed_high else ")"
@@ -661,7 +664,9 @@ class FSP(DistillLoss):
 
     def bind(self, groups: dict[str, Pairs]) -> None:
         if len(groups.get("first", [])) != len(groups.get("second", [])):
-            raise self.fail("the first and second layers of the FSP pairs resolve to different numbers of taps")
+            raise self.fail(
+                "the first and second layers of the FSP pairs resolve to different numbers of taps"
+            )
         super().bind(groups)
 
     @staticmethod
@@ -721,7 +726,9 @@ class _EmbeddingLoss(DistillLoss):
 
     def setup(self, student: Features, teacher: Features) -> None:
         if self.tap_refs and len(self.pairs()) != 1:
-            raise self.fail(f"pair must resolve to exactly one student and one teacher tap, got {self.pairs()}")
+            raise self.fail(
+                f"pair must resolve to exactly one student and one teacher tap, got {self.pairs()}"
+            )
         s, t = self.embeddings(student, teacher)
         check_same_batch(self.loss_name, s, t)
         if s.shape[0] < self.min_batch:
@@ -893,7 +900,9 @@ class TinyBertAttention(DistillLoss):
 def _split_heads(loss: DistillLoss, key: str, x: Tensor, heads: int) -> Tensor:
     """[B, L, H] → [B, heads, L, H/heads]."""
     if x.dim() != 3:
-        raise loss.fail(f"tap '{key}' has shape {tuple(x.shape)}; expected [B, L, hidden] (a q/k/v linear output)")
+        raise loss.fail(
+            f"tap '{key}' has shape {tuple(x.shape)}; expected [B, L, hidden] (a q/k/v linear output)"
+        )
     b, length, hidden = x.shape
     if hidden % heads:
         raise loss.fail(f"tap '{key}' has hidden size {hidden}, not divisible into {heads} heads")
@@ -943,7 +952,9 @@ class MiniLM(DistillLoss):
         self.tap_refs = {k: v for k, v in self.tap_refs.items() if v}
         relations = any(k in self.tap_refs for k in ("value", "query", "key"))
         if relations and (relation_heads is None or relation_heads < 1):
-            raise self.fail("value/query/key relations need relation_heads (e.g. the number of attention heads)")
+            raise self.fail(
+                "value/query/key relations need relation_heads (e.g. the number of attention heads)"
+            )
         self.relation_heads = relation_heads
 
     def setup(self, student: Features, teacher: Features) -> None:
@@ -954,7 +965,9 @@ class MiniLM(DistillLoss):
                 s = _split_heads(self, s_key, student.taps[s_key], self.relation_heads)
                 t = _split_heads(self, t_key, teacher.taps[t_key], self.relation_heads)
                 if s.shape[:3] != t.shape[:3]:
-                    raise self.fail(f"'{s_key}' {tuple(s.shape)} and '{t_key}' {tuple(t.shape)} differ in batch or length")
+                    raise self.fail(
+                        f"'{s_key}' {tuple(s.shape)} and '{t_key}' {tuple(t.shape)} differ in batch or length"
+                    )
 
     def relation(self, key: str, x: Tensor, mask: Tensor | None) -> Tensor:
         xh = _split_heads(self, key, x, self.relation_heads)
@@ -1037,7 +1050,9 @@ class DirectionMatching(DistillLoss):
         mask = _mask(student, teacher)
         total = student.output.new_zeros(())
         for s_key, t_key in self.pairs():
-            diff = self.pattern(s_key, student.taps[s_key], mask) - self.pattern(t_key, teacher.taps[t_key], mask)
+            diff = self.pattern(s_key, student.taps[s_key], mask) - self.pattern(
+                t_key, teacher.taps[t_key], mask
+            )
             if self.distance == "mse":
                 total = total + diff.pow(2).mean()
             elif self.normalize == "batch":
@@ -1045,6 +1060,19 @@ class DirectionMatching(DistillLoss):
             else:
                 total = total + diff.flatten(1).norm(dim=1).mean()
         return total
+
+
+@register("ce")
+class CrossEntropy(DistillLoss):
+    """Cross-entropy with the labels: the student trained alone (no teacher), or the hard term beside KD."""
+
+    needs = ("output", "target")
+    uses_teacher = False
+
+    def compute(self, student: Features, teacher: Features, target: Tensor | None) -> Tensor:
+        assert target is not None
+        logits = student.output
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
 
 
 def cross_entropy_only(student: Features, target: Tensor) -> Tensor:
@@ -1059,6 +1087,7 @@ __all__ = [
     "HintonKD",
     "build_loss",
     "cross_entropy_only",
+    "CrossEntropy",
     "check_logit_shapes",
     "check_taps_present",
     "check_same_batch",
