@@ -101,7 +101,9 @@ def main() -> None:
         f"{p50[('student fp32', 32)] / p50[(int8, 32)]:.2f}×. The student is tiny (~0.5M MACs), so at batch 1 the "
         "per-call overhead of ONNX Runtime is a large part of its time.",
         "",
-        f"Machine: {os.cpu_count()} cores, {sys.platform}; numbers are from one run of this script.",
+        f"Machine: {os.cpu_count()} cores (AMD EPYC, AVX2, no VNNI), {sys.platform}; numbers are from one run of this "
+        "script. The recorded run shared the 2 cores with other jobs: trust the ratios (interleaved), not the absolute "
+        "times, and see the round spread column.",
     ]
     out = REPO / "benchmarks" / "digits.md"
     out.write_text("\n".join(lines) + "\n")
