@@ -20,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     run.add_argument("--overwrite", action="store_true", help="replace an existing artifact / interrupted run")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (CI logs)")
+    run.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="train with N processes (DistributedDataParallel, launched by torch.distributed.run)")
 
     bench = sub.add_parser("bench", help="measure an artifact's latency on target profiles")
     bench.add_argument("artifact", type=Path)
@@ -28,9 +29,27 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=None)
     bench.add_argument("--iterations", type=int, default=None)
 
-    gate = sub.add_parser("gate", help="judge a report against budgets: exit 0 pass, 1 broken, 2 bad input")
-    gate.add_argument("report", type=Path, help="report.json or an artifact directory")
+    gate = sub.add_parser("gate", help="judge a report against budgets: exit 0 pass, 1 broken, 2 bad input, 3 measurement failed")
+    gate.add_argument("report", type=Path, help="an artifact directory (can re-measure noisy latencies) or its report.json")
     gate.add_argument("--budgets", type=Path, required=True)
+    gate.add_argument("--baseline", type=Path, help="baseline JSON for max_regression budgets (default: the budgets file's 'baseline:')")
+    gate.add_argument("--update-baseline", type=Path, metavar="PATH", help="measure the artifact policy.baseline_runs times and write a baseline here")
+    gate.add_argument("--baseline-runs", type=int, help="runs recorded by --update-baseline (default: policy.baseline_runs)")
+    gate.add_argument("--remeasure", type=int, help="extra runs allowed while a latency verdict is inconclusive (default: policy.remeasure)")
+    gate.add_argument("--inconclusive", choices=["fail", "pass"], help="what a still-inconclusive verdict becomes (default: policy.inconclusive)")
+    gate.add_argument("--junit", type=Path, metavar="PATH", help="JUnit XML, one test case per budget")
+    gate.add_argument("--markdown", type=Path, metavar="PATH", help="Markdown summary, appended (e.g. $GITHUB_STEP_SUMMARY)")
+    gate.add_argument("--json", dest="json_path", type=Path, metavar="PATH", help="the verdicts as JSON")
+
+    sweep = sub.add_parser("sweep", help="run variants of a recipe, measure all on one target, draw the accuracy/latency Pareto plot")
+    sweep.add_argument("recipe", type=Path)
+    sweep.add_argument("--variants", type=Path, help="variants YAML (default: the teacher, then each prefix of the recipe's stages)")
+    sweep.add_argument("--out", type=Path, help="output directory (default: runs/<recipe name>-sweep)")
+    sweep.add_argument("--target", help="profile to measure every variant on (default: the recipe's first target, else x86-cpu)")
+    sweep.add_argument("--batch", type=int, default=None, help="batch size measured (default: 1)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field for every variant")
+    sweep.add_argument("--overwrite", action="store_true", help="replace existing variant artifacts")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bars (CI logs)")
 
     verify = sub.add_parser("verify", help="check an artifact's files against its manifest")
     verify.add_argument("artifact", type=Path)
@@ -80,13 +99,36 @@ def _cmd_run(args) -> int:
     if args.dry_run:
         print(dump_recipe(recipe), end="")
         return 0
-    from compressor.pipeline import compress
+    from compressor.train.distributed import launched_by_torchrun
 
     out = args.out or Path("runs") / recipe.name
+    if args.nproc_per_node != 1 and not launched_by_torchrun():
+        return _launch_distributed(args, recipe, out)
+    from compressor.pipeline import compress
+
     report = compress(recipe, out, resume=args.resume, overwrite=args.overwrite, log=_console_log(), show_progress=not args.no_progress and sys.stderr.isatty())
-    if recipe.budgets is not None:
-        return _judge(report, recipe.budgets)
+    if recipe.budgets is not None and report:  # under torchrun only rank 0 has a report
+        return _judge(out, recipe.budgets)
     return 0
+
+
+def _launch_distributed(args, recipe, out: Path) -> int:
+    """Re-run this command in N processes under torch.distributed.run (torchrun); its exit code is ours."""
+    import subprocess
+
+    from compressor.distill.strategy import check_recipe
+    from compressor.errors import RecipeError
+
+    if args.nproc_per_node < 1:
+        raise RecipeError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+    check_recipe(recipe)  # bad input fails here, with exit code 2, before N processes start
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
+        "-m", "compressor.cli", *(["--debug"] if args.debug else []), "run", str(args.recipe), "--out", str(out),
+        *[item for override in args.overrides for item in ("--set", override)],
+        *[flag for flag, on in (("--resume", args.resume), ("--overwrite", args.overwrite), ("--no-progress", args.no_progress)) if on],
+    ]  # fmt: skip
+    return subprocess.run(command).returncode
 
 
 def _cmd_bench(args) -> int:
@@ -105,19 +147,34 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-def _judge(report, budgets_path: Path) -> int:
-    from compressor.bench.gate import exit_code, judge, load_budgets
+def _judge(source: Path, budgets_path: Path, **options) -> int:
+    from compressor.bench.ci_outputs import gate_with_outputs
 
-    verdicts = judge(report, load_budgets(budgets_path))
-    for verdict in verdicts:
-        print(verdict.line())
-    return exit_code(verdicts)
+    result = gate_with_outputs(source, budgets_path, log=_console_log(), **options)
+    for line in result.lines():
+        print(line)
+    return result.exit_code
 
 
 def _cmd_gate(args) -> int:
-    from compressor.artifact import read_report
+    return _judge(
+        args.report, args.budgets, baseline_path=args.baseline, update_baseline=args.update_baseline,
+        baseline_runs=args.baseline_runs, remeasure=args.remeasure, inconclusive=args.inconclusive,
+        junit=args.junit, markdown=args.markdown, json_path=args.json_path,
+    )  # fmt: skip
 
-    return _judge(read_report(args.report), args.budgets)
+
+def _cmd_sweep(args) -> int:
+    from compressor.bench.sweep import run_sweep
+
+    result = run_sweep(
+        args.recipe, variants=args.variants, out=args.out, target=args.target, batch=args.batch,
+        overrides=args.overrides, overwrite=args.overwrite, log=_console_log(),
+        show_progress=not args.no_progress and sys.stderr.isatty(),
+    )  # fmt: skip
+    for line in result.lines():
+        print(line)
+    return result.exit_code
 
 
 def _cmd_verify(args) -> int:
@@ -145,6 +202,7 @@ def _cmd_targets(args) -> int:
 
 def _cmd_models(args) -> int:
     import compressor.data.digits  # noqa: F401
+    import compressor.data.text  # noqa: F401
     from compressor.data.loaders import DATASETS
     from compressor.distill.losses import LOSSES
     from compressor.models.builtin import MODELS
@@ -161,6 +219,7 @@ _COMMANDS = {
     "run": _cmd_run,
     "bench": _cmd_bench,
     "gate": _cmd_gate,
+    "sweep": _cmd_sweep,
     "verify": _cmd_verify,
     "targets": _cmd_targets,
     "models": _cmd_models,

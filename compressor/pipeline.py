@@ -11,11 +11,11 @@ import torch
 
 from compressor.artifact import REPORT, check_out_dir, library_versions, publish, write_json_atomic
 from compressor.data.loaders import DataBundle, build_data
-from compressor.errors import CompressorError, ModelLoadError, ParityError, RecipeError
+from compressor.errors import CompressorError, ParityError
 from compressor.models.call import example_from_batch
-from compressor.models.load import build_model, teacher_cache_path
+from compressor.models.load import build_model
 from compressor.recipe import Recipe, dump_recipe
-from compressor.stages import load_stage_modules
+from compressor.stages import check_stages, load_stage_modules
 from compressor.state import ModelState, RunContext
 from compressor.train.evaluate import evaluate
 
@@ -39,16 +39,23 @@ def compress(
 
     Returns the report. Raises CompressorError (one line) for anything the user can fix.
     """
+    from compressor.train.distributed import init_from_env, is_main, main_first
+
     out = Path(out)
+    init_from_env(recipe.train.device)  # under torchrun: join the process group; every rank runs the stages
+    if not is_main():
+        log, show_progress = (lambda message: None), False  # rank 0 speaks for all
     check_out_dir(out, overwrite)
-    work = _prepare_work_dir(recipe, out, resume, overwrite, log)
+    work = main_first(lambda: _prepare_work_dir(recipe, out, resume, overwrite, log))
     try:
         report = _run(recipe, out, work, resume, overwrite, log, show_progress)
     except BaseException:
         # Keep checkpoints for --resume; a run that failed before saving any has nothing worth keeping.
-        if not any((work / "checkpoints").glob("*.pt")):
+        if is_main() and not any((work / "checkpoints").glob("*.pt")):
             shutil.rmtree(work, ignore_errors=True)
         raise
+    if not is_main():
+        return report  # {}: rank 0 alone exports, measures and publishes
     shutil.rmtree(work, ignore_errors=True)
     log(f"artifact written to {out}")
     return report
@@ -60,7 +67,8 @@ def _run(recipe: Recipe, out: Path, work: Path, resume: bool, overwrite: bool, l
     student = build_model(recipe.student, "student")
     data = build_data(recipe.data.source, recipe.data.batch_size, recipe.data.val_fraction, recipe.seed, recipe.data.kwargs)
     ctx = RunContext(recipe=recipe, data=data, teacher=None, work_dir=work, resume=resume, log=log, show_progress=show_progress)
-    ctx.teacher = build_teacher(recipe, ctx)
+    check_stages(recipe, student, example_from_batch(next(iter(data.val))[0]))  # model-dependent recipe errors, before anything trains
+    ctx.teacher = build_teacher(recipe, ctx, student)
     state = ModelState(module=student, example_inputs=example_from_batch(next(iter(data.val))[0]))
 
     baseline = {"teacher": _metrics(ctx.teacher, data, recipe) if ctx.teacher is not None else {}}
@@ -71,6 +79,11 @@ def _run(recipe: Recipe, out: Path, work: Path, resume: bool, overwrite: bool, l
     for index, (spec, name) in enumerate(zip(recipe.stages, recipe.stage_names())):
         log(f"stage {index + 1}/{len(recipe.stages)}: {name}")
         state = registry.get(spec.kind).run(state, spec.model_copy(update={"name": name}), ctx)
+
+    from compressor.train.distributed import is_main
+
+    if not is_main():
+        return {}  # no collective calls from here on: the other ranks may already have exited
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
     try:
@@ -101,91 +114,92 @@ def _run(recipe: Recipe, out: Path, work: Path, resume: bool, overwrite: bool, l
 
 def export_and_check(state: ModelState, ctx: RunContext, staging: Path, baseline: dict) -> dict[str, Any]:
     """Export the student, run the file on held-out data, and refuse it when parity fails."""
-    from compressor.export.inspect import integer_kernel_report
+    from compressor.export.inspect import initializer_census, integer_kernel_report
+    from compressor.export.keywords import export_plan
     from compressor.export.onnx import export_onnx
-    from compressor.export.parity import check_parity
+    from compressor.export.parity import check_parity, first_batch, localize_divergence
 
     recipe = ctx.recipe
-    model_path = export_onnx(
-        state.module, state.example_inputs, staging / "model.onnx", opset=recipe.export.opset, dynamic_batch=recipe.export.dynamic_batch
-    )
-    parity = check_parity(state.module, model_path, ctx.data.val, recipe.export.parity, recipe.task)
+    val_inputs = next(iter(ctx.data.val))[0]
+    exported, example, io = export_plan(state.module, val_inputs)
+    post = state.extras.get("post_export_quant")  # a ptq stage: quantize the float export (quant/ptq.py)
+    parity_spec = recipe.export.parity
+    float_path = None
+    binary = None
+    if post:
+        from compressor.quant.ptq import quantize_exported
+        from compressor.recipe import ParitySpec
+
+        float_path = export_onnx(exported, example, ctx.work_dir / "model.float.onnx", opset=recipe.export.opset, dynamic_batch=recipe.export.dynamic_batch, **io)
+        model_path = quantize_exported(float_path, staging / "model.onnx", post, ctx.data.train)
+        parity_spec = ParitySpec(**{**post["parity"], "samples": recipe.export.parity.samples})
+        ctx.log(f"ptq: {post['mode']} quantization; parity against the float model within top-1 >= {parity_spec.min_top1_agreement}, cosine >= {parity_spec.min_cosine}")
+    elif state.extras.get("binary"):  # a binarize stage: int8 Q/DQ ±α export, exact sign parity, weights.1bit
+        from compressor.quant.binary_stage import export_binary_artifact
+
+        model_path, binary = export_binary_artifact(state, ctx, staging, exported, example, io)
+    else:
+        model_path = export_onnx(exported, example, staging / "model.onnx", opset=recipe.export.opset, dynamic_batch=recipe.export.dynamic_batch, **io)
+    parity = check_parity(state.module, model_path, ctx.data.val, parity_spec, recipe.task)
     if not parity.passed:
+        where = localize_divergence(exported, model_path, first_batch(ctx.data.val, 32)).message()
         raise ParityError(
-            f"export parity failed on {parity.samples} held-out samples: {'; '.join(parity.failures)}; no artifact written"
+            f"export parity failed on {parity.samples} held-out samples: {'; '.join(parity.failures)}; {where}; no artifact written"
         )
     ctx.log(f"parity: max|Δ|={parity.max_abs:.2e}, top-1 agreement={parity.top1_agreement}")
     kernels = integer_kernel_report(model_path)
-    full = check_parity(state.module, model_path, ctx.data.val, recipe.export.parity.model_copy(update={"samples": 10**9}), recipe.task)
+    full = check_parity(state.module, model_path, ctx.data.val, parity_spec.model_copy(update={"samples": 10**9}), recipe.task)
     accuracy = {"teacher": baseline["teacher"].get("accuracy"), "student_torch": state.metrics.get("accuracy"), "student_onnx": full.onnx_accuracy}
     if accuracy["teacher"] is not None and accuracy["student_onnx"] is not None:
         accuracy["drop_points"] = round((accuracy["teacher"] - accuracy["student_onnx"]) * 100, 4)
     if recipe.task == "embedding":
         accuracy = {"cosine_to_teacher": state.metrics.get("cosine_to_teacher")}
+    quant = state.extras.get("quant")
+    warnings = list((quant or {}).get("notes", []))
+    if quant and kernels["integer_mac_fraction"] < 0.9:
+        warnings.append(
+            f"quantized, but only {kernels['integer_mac_fraction']:.0%} of the MACs run in integer kernels (kernels.layers "
+            "names the float ones); a conv whose output is not quantized (e.g. feeding a residual Add) stays float: "
+            "set output_quant: true in the qat stage"
+        )
+    for warning in warnings:
+        ctx.log(f"warning: {warning}")
+    size = {"model_bytes": model_path.stat().st_size, "parameters": sum(p.numel() for p in state.module.parameters()), "stored": initializer_census(model_path)}
+    if quant and quant.get("parameters"):
+        size["parameters_by_precision"] = quant["parameters"]
+    if float_path is not None:
+        size["float_export_bytes"] = float_path.stat().st_size
+    if binary:
+        size["packed_bytes"] = binary["size"]["packed_bytes"]
+    from compressor.prune.stage import artifact_extras
+
+    pruned = artifact_extras(state, ctx, staging, model_path)  # structure.json + weights.pt; the file's 2:4 check
     return {
         "schema_version": 1,
         "name": recipe.name,
         "task": recipe.task,
         "accuracy": accuracy,
         "baseline": baseline,
-        "size": {"model_bytes": model_path.stat().st_size, "parameters": sum(p.numel() for p in state.module.parameters())},
+        "size": size,
         "parity": parity.to_dict(),
         "kernels": kernels,
         "lineage": [vars(entry) for entry in state.lineage],
-        "quant": state.extras.get("quant"),
+        "quant": quant,
+        "binary": binary,
+        **pruned,
+        "warnings": warnings,
         "latency": {},
     }
 
 
-def build_teacher(recipe: Recipe, ctx: RunContext):
-    """The frozen teacher: from its weights file, from the user cache, or pretrained once and cached."""
-    spec = recipe.teacher
-    if spec is None:
-        return None
-    teacher = build_model(spec, "teacher")
-    if spec.weights is None:
-        if spec.pretrain is None:
-            raise RecipeError("teacher has no weights: set teacher.weights to a state dict file, or teacher.pretrain to train it here")
-        cache = teacher_cache_path(recipe)
-        if cache.is_file():
-            ctx.log(f"teacher: using cached pretrained weights {cache}")
-            try:
-                teacher.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
-            except (RuntimeError, EOFError, ValueError):
-                ctx.log(f"teacher cache {cache} is unreadable; retraining")
-                cache.unlink()
-                return build_teacher(recipe, ctx)
-        else:
-            _pretrain_teacher(teacher, spec.pretrain, ctx, cache)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
+def build_teacher(recipe: Recipe, ctx: RunContext, student=None):
+    """The frozen teacher the stages distill from: weights, pretraining, candidates, ensembles, assistants.
 
+    Every training step's objective is checked on one batch first (see compressor.distill.strategy).
+    """
+    from compressor.distill.strategy import build_teacher as build
 
-def _pretrain_teacher(teacher, pretrain, ctx: RunContext, cache: Path) -> None:
-    from compressor.recipe import OptimizerSpec, TrainSpec
-    from compressor.train.loop import _atomic_save, fit
-
-    if ctx.data.num_classes is None:
-        raise ModelLoadError("teacher.pretrain trains on labels, but this data has none; give teacher.weights")
-    ctx.log(f"teacher: pretraining {ctx.recipe.teacher.model} for {pretrain.epochs} epochs (cached at {cache})")
-    spec = TrainSpec(epochs=pretrain.epochs, optimizer=OptimizerSpec(lr=pretrain.lr, weight_decay=1e-4))
-    fit(
-        teacher,
-        lambda inputs, target: torch.nn.functional.cross_entropy(teacher(inputs), target),
-        ctx.data.train,
-        spec,
-        ctx.work_dir / "checkpoints" / "teacher-pretrain.pt",
-        epochs=pretrain.epochs,
-        evaluate=lambda: evaluate(teacher, ctx.data.val, "classification"),
-        resume=ctx.resume,
-        seed=ctx.recipe.seed,
-        log=ctx.log,
-        show_progress=ctx.show_progress,
-        label="teacher",
-    )
-    _atomic_save(teacher.state_dict(), cache)
+    return build(recipe, ctx, student)
 
 
 def _prepare_work_dir(recipe: Recipe, out: Path, resume: bool, overwrite: bool, log) -> Path:

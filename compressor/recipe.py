@@ -77,11 +77,60 @@ class LossSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class CacheSpec(Strict):
+    """Teacher outputs (and tapped features) computed once per training sample, kept on disk, reused."""
+
+    top_k: int | None = Field(None, ge=1)  # keep only the k largest logits per sample (large output spaces)
+    topk_mode: Literal["uniform", "renormalize"] = "uniform"
+    location: Literal["user", "work"] = "user"  # the user cache (reused across runs) or the run's work dir
+
+
+class EnsembleMember(TeacherSpec):
+    weight: float = Field(1.0, ge=0)
+    seed: int | None = None  # pretraining seed (default: the recipe's), so equal architectures can differ
+
+
+class EnsembleSpec(Strict):
+    """More teachers: the student learns from the weighted combination of `teacher` and these."""
+
+    teachers: list[EnsembleMember] = Field(min_length=1)
+    teacher_weight: float = Field(1.0, ge=0)  # weight of the recipe's `teacher:`
+    space: Literal["logits", "probs"] = "logits"  # average logits, or mix the probability distributions
+
+
+class AssistantSpec(ModelSpec):
+    """A teacher assistant (TAKD): trained from the teacher (or the previous assistant) before the stages."""
+
+    epochs: int = Field(10, ge=1)
+    lr: float | None = Field(None, gt=0)
+    losses: list[LossSpec] | None = None  # default: distillation.losses
+    taps: dict[str, dict[str, str]] | None = None  # tap aliases while this assistant is the student
+
+
+class PSKDSpec(Strict):
+    """Progressive self-knowledge distillation: the student's own last-epoch predictions are its teacher."""
+
+    alpha_T: float = Field(0.8, ge=0, le=1)
+
+
 class DistillationSpec(Strict):
     """The knowledge the student learns from the teacher; used by every stage that trains."""
 
     losses: list[LossSpec] = Field(default_factory=lambda: [LossSpec(name="hinton")])
     taps: dict[str, dict[str, str]] = Field(default_factory=dict)  # {"student": {tap: module}, "teacher": {...}}
+    cache: CacheSpec | None = None  # `true` for the defaults
+    ensemble: EnsembleSpec | None = None
+    teacher_assistants: list[AssistantSpec] = Field(default_factory=list)
+    pskd: PSKDSpec | None = None  # `true` for the defaults; needs labels and no teacher
+    teacher_candidates: list[Path] = Field(default_factory=list)  # teacher weights files; lowest validation KL wins
+    selection_temperature: float = Field(1.0, gt=0)
+
+    @field_validator("cache", "pskd", mode="before")
+    @classmethod
+    def _flag(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        return None if value is False else value
 
 
 class ParitySpec(Strict):
@@ -229,6 +278,10 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
         recipe.teacher.weights = fix(recipe.teacher.weights)
     recipe.student.weights = fix(recipe.student.weights)
     recipe.budgets = fix(recipe.budgets)
+    distillation = recipe.distillation
+    distillation.teacher_candidates = [fix(p) for p in distillation.teacher_candidates]
+    for spec in [*(distillation.ensemble.teachers if distillation.ensemble else []), *distillation.teacher_assistants]:
+        spec.weights = fix(spec.weights)
     return recipe
 
 

@@ -31,6 +31,8 @@ class StageSpec(BaseModel):
 class StageDef:
     spec: type[StageSpec]
     run: Callable[[ModelState, StageSpec, RunContext], ModelState]
+    # Optional cheap checks against the student before anything trains (see `check_stages`).
+    check: Callable[..., None] | None = None
 
 
 STAGES: Registry[StageDef] = Registry("stage kind")
@@ -39,14 +41,21 @@ STAGES: Registry[StageDef] = Registry("stage kind")
 BUILTIN_STAGE_MODULES = [
     "compressor.distill.stage",
     "compressor.quant.qat",
+    "compressor.quant.ptq",
+    "compressor.quant.binary_stage",
+    "compressor.prune.stage",
 ]
 
 
-def register_stage(kind: str, spec: type[StageSpec]):
-    """Decorator: register `run` as the stage for recipe entries with `kind: <kind>`."""
+def register_stage(kind: str, spec: type[StageSpec], check: Callable[..., None] | None = None):
+    """Decorator: register `run` as the stage for recipe entries with `kind: <kind>`.
+
+    `check(spec, *, recipe, index, module, example_inputs)`, if given, raises a CompressorError for
+    problems only the student reveals (a glob matching no layer, ...), before any stage trains.
+    """
 
     def decorator(run):
-        STAGES.add(kind, StageDef(spec=spec, run=run))
+        STAGES.add(kind, StageDef(spec=spec, run=run, check=check))
         return run
 
     return decorator
@@ -56,3 +65,13 @@ def load_stage_modules() -> Registry[StageDef]:
     for module in BUILTIN_STAGE_MODULES:
         importlib.import_module(module)
     return STAGES
+
+
+def check_stages(recipe, module, example_inputs) -> None:
+    """Run every stage's `check` against the student as built, so that model-dependent recipe errors
+    surface before the teacher or any stage trains."""
+    for index, spec in enumerate(recipe.stages):
+        check = load_stage_modules().get(spec.kind).check
+        if check is not None:
+            name = recipe.stage_names()[index]
+            check(spec.model_copy(update={"name": name}), recipe=recipe, index=index, module=module, example_inputs=example_inputs)

@@ -79,9 +79,9 @@ class Budget(BaseModel):
     metric: str
     target: str | None = None
     batch: int = Field(1, ge=1)
-    max: float | str | None = None
-    min: float | str | None = None
-    max_regression: float | str | None = None
+    max: int | float | str | None = None
+    min: int | float | str | None = None
+    max_regression: int | float | str | None = None
 
     @field_validator("metric")
     @classmethod
@@ -658,13 +658,17 @@ def run_gate(
     model = model_beside(source, report)
     baseline = None
     path = baseline_path or spec.baseline
+    if update_baseline is not None:
+        # Writing a baseline never judges against the file it replaces (it may be from an older runtime);
+        # relative budgets are then skipped unless --baseline names another file.
+        path = baseline_path if baseline_path and Path(baseline_path).resolve() != Path(update_baseline).resolve() else None
     if any(b.relative for b in spec.budgets):
         if path is None and update_baseline is None:
             raise BudgetError(
                 "relative budgets (max_regression) need a baseline: pass --baseline PATH or set 'baseline:' in the "
                 "budgets file; create one with --update-baseline PATH"
             )
-        if path is not None and (update_baseline is None or Path(path).exists()):
+        if path is not None:
             baseline = load_baseline(Path(path))
     baseline_model = baseline.model_file() if baseline is not None else None
     result = gate_report(

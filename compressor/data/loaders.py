@@ -41,6 +41,7 @@ def build_data(source: str, batch_size: int, val_fraction: float, seed: int, kwa
             f"got {type(result).__name__}"
         )
     import compressor.data.digits  # noqa: F401  (registers the built-in sets)
+    import compressor.data.text  # noqa: F401
 
     if source not in DATASETS:
         raise RecipeError(

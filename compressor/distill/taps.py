@@ -116,11 +116,17 @@ def resolve_modules(model: nn.Module, pattern: str, side: str = "model") -> list
         matched = [n for n in names if regex.fullmatch(n)]
     if matched:
         return matched
-    probe = re.sub(r"[*?]|\[[^\]]*\]", "0", pattern)
-    close = get_close_matches(probe, names, n=5, cutoff=0.5) or names[:5]
     raise RecipeError(
-        f"{side} tap '{pattern}' matches no module; closest module names: {', '.join(close) or 'none'}"
+        f"{side} tap '{pattern}' matches no module; closest module names: {closest_modules(model, pattern)}"
     )
+
+
+def closest_modules(model: nn.Module, pattern: str, n: int = 5) -> str:
+    """The module names most like `pattern` (glob characters read as '0'), for error messages."""
+    names = [name for name, _ in model.named_modules() if name]
+    probe = re.sub(r"[*?]|\[[^\]]*\]", "0", pattern.partition(":")[0])
+    close = get_close_matches(probe, names, n=n, cutoff=0.5) or names[:n]
+    return ", ".join(close) or "none"
 
 
 def resolve_taps(model: nn.Module, spec: str, side: str = "model") -> list[TapSpec]:
@@ -230,14 +236,28 @@ def bind_taps(
                 raise RecipeError(
                     f"distillation.taps.{side}.{name} must be a module name or glob, got {spec!r}"
                 )
-            resolve_taps(models[side], spec, side)
+            try:
+                resolve_taps(models[side], spec, side)
+            except RecipeError as exc:
+                raise RecipeError(f"distillation.taps.{side}.{name}: {exc}") from None
 
     plan = TapPlan()
     seen: dict[str, set[str]] = {"student": set(), "teacher": set()}
 
-    def lookup(side: str, ref: str) -> list[TapSpec]:
-        spec = aliases.get(side, {}).get(ref, ref)
-        return resolve_taps(models[side], spec, side)
+    def lookup(side: str, ref: str, label: str) -> list[TapSpec]:
+        table = aliases.get(side, {})
+        if ref in table:
+            return resolve_taps(models[side], table[ref], side)
+        pattern = parse_tap(ref)[0]
+        try:
+            resolve_modules(models[side], pattern, side)
+        except RecipeError:
+            raise RecipeError(
+                f"loss '{label}' reads {side} tap '{ref}', which is neither an alias in distillation.taps.{side} "
+                f"(defined: {', '.join(table) or 'none'}) nor a {side} module; closest module names: "
+                f"{closest_modules(models[side], ref)}"
+            ) from None
+        return resolve_taps(models[side], ref, side)
 
     def use(side: str, taps: list[TapSpec], keys: set[str]) -> None:
         for t in taps:
@@ -253,7 +273,7 @@ def bind_taps(
         for group, refs in loss.tap_refs.items():
             pairs: Pairs = []
             for s_ref, t_ref in refs:
-                s_taps, t_taps = lookup("student", s_ref), lookup("teacher", t_ref)
+                s_taps, t_taps = lookup("student", s_ref, label), lookup("teacher", t_ref, label)
                 chosen = pair_taps(
                     [t.key for t in s_taps], [t.key for t in t_taps], loss.layer_map, f"loss '{label}'"
                 )
@@ -371,6 +391,7 @@ __all__ = [
     "TapPlan",
     "parse_tap",
     "resolve_modules",
+    "closest_modules",
     "resolve_taps",
     "uniform_layer_map",
     "pair_taps",

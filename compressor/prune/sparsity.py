@@ -295,6 +295,9 @@ def _onnx_weights(path: str | Path) -> list[tuple[str, np.ndarray, int]]:
                 shape[axis] = -1
                 zero = zero.reshape(shape)
             return source_name, q.astype(np.int64) - zero.astype(np.int64)
+        if node.op_type in ("Clip", "Identity"):
+            # Brevitas' QCDQ export: int8 weight -> Clip (narrow range) -> DequantizeLinear; zeros stay zeros.
+            return resolve(node.input[0])
         if node.op_type == "Transpose":
             source = resolve(node.input[0])
             if source is None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 from pydantic import Field
+from torch import nn
 
 from compressor.distill.objective import build_objective
 from compressor.recipe import LossSpec
 from compressor.stages import StageSpec
 from compressor.state import ModelState, RunContext
+from compressor.train.distributed import shard_loader, weighted_mean
 from compressor.train.evaluate import evaluate
 from compressor.train.loop import FitResult, fit
 
@@ -29,28 +33,67 @@ def stage_train_spec(ctx: RunContext, spec: TrainingStageSpec):
     return train
 
 
+def evaluate_module(module: nn.Module, ctx: RunContext, teacher: nn.Module | None) -> dict[str, float]:
+    """Metrics on the held-out split; under DDP each rank evaluates its share and the means are combined."""
+    loader, count = shard_loader(ctx.data.val)
+    metrics = evaluate(module, loader, ctx.recipe.task, teacher=teacher, device=ctx.recipe.train.device)
+    return weighted_mean(metrics, count)
+
+
 def evaluate_state(state: ModelState, ctx: RunContext) -> dict[str, float]:
-    return evaluate(state.module, ctx.data.val, ctx.recipe.task, teacher=ctx.teacher, device=ctx.recipe.train.device)
+    return evaluate_module(state.module, ctx, ctx.teacher)
 
 
-def train_student(state: ModelState, spec: TrainingStageSpec, ctx: RunContext, label: str, on_step=None) -> FitResult:
-    """Train the student with the recipe's distillation objective (teacher in float, frozen)."""
-    train = stage_train_spec(ctx, spec)
-    objective = build_objective(spec.losses or ctx.recipe.distillation.losses, ctx.teacher)
-    module = state.module
+def train_module(
+    module: nn.Module,
+    teacher: nn.Module | None,
+    losses: list[LossSpec],
+    taps: Mapping[str, Mapping[str, str]],
+    train,
+    ctx: RunContext,
+    label: str,
+    *,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> FitResult:
+    """Distill `module` from `teacher` with `losses` for `train.epochs` epochs (checkpointed as `label`).
+
+    The recipe's teacher strategies apply: `distillation.cache` (teacher answers from disk) and
+    `distillation.pskd` (the module's own past predictions as the teacher).
+    """
+    from compressor.distill.strategy import first_batch, open_cache, progressive_targets
+
+    pskd = progressive_targets(ctx.recipe, ctx, train.epochs)
+    batch = first_batch(ctx.data.train, train.device)
+    objective = build_objective(losses, teacher, student=module, batch=batch, taps=taps, pskd=pskd)
+    cache_spec = ctx.recipe.distillation.cache
+    if cache_spec is not None and objective.needs_teacher and teacher is not None:
+        objective.use_cache(open_cache(objective, ctx.data.train, cache_spec, ctx, train.device))
     return fit(
         module,
-        lambda inputs, target: objective.compute(module, inputs, target),
+        lambda inputs, target, index=None: objective.compute(module, inputs, target, index),
         ctx.data.train,
         train,
         ctx.work_dir / "checkpoints" / f"{label}.pt",
         epochs=train.epochs,
         extra_modules=objective,
-        evaluate=lambda: evaluate_state(state, ctx),
+        evaluate=evaluate or (lambda: evaluate_module(module, ctx, teacher)),
         resume=ctx.resume,
         seed=ctx.recipe.seed,
         log=ctx.log,
         show_progress=ctx.show_progress,
         label=label,
         on_step=on_step,
+        indexed=objective.indexed,
+        on_epoch_start=objective.start_epoch,
+        on_epoch_end=objective.end_epoch,
     )
+
+
+def train_student(state: ModelState, spec: TrainingStageSpec, ctx: RunContext, label: str, on_step=None) -> FitResult:
+    """Train the student with the recipe's distillation objective (teacher in float, frozen)."""
+    train = stage_train_spec(ctx, spec)
+    return train_module(
+        state.module, ctx.teacher, spec.losses or ctx.recipe.distillation.losses, ctx.recipe.distillation.taps,
+        train, ctx, label, evaluate=lambda: evaluate_state(state, ctx), on_step=on_step,
+    )  # fmt: skip
