@@ -125,7 +125,7 @@ def export_and_check(state: ModelState, ctx: RunContext, staging: Path, baseline
     post = state.extras.get("post_export_quant")  # a ptq stage: quantize the float export (quant/ptq.py)
     parity_spec = recipe.export.parity
     float_path = None
-    binary = None
+    binary = parity = None
     if post:
         from compressor.quant.ptq import quantize_exported
         from compressor.recipe import ParitySpec
@@ -137,10 +137,10 @@ def export_and_check(state: ModelState, ctx: RunContext, staging: Path, baseline
     elif state.extras.get("binary"):  # a binarize stage: int8 Q/DQ ±α export, exact sign parity, weights.1bit
         from compressor.quant.binary_stage import export_binary_artifact
 
-        model_path, binary = export_binary_artifact(state, ctx, staging, exported, example, io)
+        model_path, binary, parity = export_binary_artifact(state, ctx, staging, exported, example, io)  # its own parity
     else:
         model_path = export_onnx(exported, example, staging / "model.onnx", opset=recipe.export.opset, dynamic_batch=recipe.export.dynamic_batch, **io)
-    parity = check_parity(state.module, model_path, ctx.data.val, parity_spec, recipe.task)
+    parity = parity or check_parity(state.module, model_path, ctx.data.val, parity_spec, recipe.task)
     if not parity.passed:
         where = localize_divergence(exported, model_path, first_batch(ctx.data.val, 32)).message()
         raise ParityError(
