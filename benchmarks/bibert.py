@@ -19,8 +19,11 @@ Latency: the x86-cpu target runner (a fresh process per measurement, its 2 intra
 20 and 128 tokens, interleaved rounds, median of the per-round p50s: binarized (bibert, first seed) vs
 float (base, first seed) vs int8 (ONNX Runtime dynamic quantization, per-channel, of that float file).
 
-    python benchmarks/bibert.py                                   # 5 recipes × 3 seeds, 2 jobs: ~12 min here
-    python benchmarks/bibert.py --seeds 0 --epochs 1 --rounds 1   # smoke run, ~3 min
+    python benchmarks/bibert.py                                   # 5 recipes × 3 seeds, 2 jobs: 875 s measured
+    python benchmarks/bibert.py --seeds 0 --epochs 1 --rounds 1   # smoke run: 167 s measured
+
+(Both on the shared 2-core machine while other jobs kept its load at ~5: an epoch of 15 steps of a 1-bit
+student took 17 s at the quietest and 30-38 s under that load.)
 
 Writes benchmarks/_work/bibert/ (artifacts, results.json, git-ignored) and prints bibert.md's tables.
 """
@@ -83,7 +86,7 @@ def teacher_embeddings(inputs) -> np.ndarray:
         return load(TEACHER).eval()(**inputs).numpy()
 
 
-def run_one(job: tuple[str, int, int]) -> dict:
+def run_one(job: tuple[str, int, int, str]) -> dict:
     """Run one recipe for one seed through the pipeline and measure its artifact."""
     import torch
 
@@ -91,14 +94,14 @@ def run_one(job: tuple[str, int, int]) -> dict:
     from compressor.pipeline import compress
     from compressor.recipe import load_recipe
 
-    name, seed, epochs = job
-    out = WORK / "runs" / f"{name}-s{seed}"
+    name, seed, epochs, work = job
+    out = Path(work) / "runs" / f"{name}-s{seed}"
     log_lines: list[str] = []
     recipe = load_recipe(RECIPES / f"{name}.yaml", [f"seed={seed}", f"train.epochs={epochs}"])
     started = time.perf_counter()
     report = compress(recipe, out, overwrite=True, log=log_lines.append)
     seconds = time.perf_counter() - started
-    (WORK / "runs" / f"{name}-s{seed}.log").write_text("\n".join(log_lines) + "\n")
+    out.with_name(f"{name}-s{seed}.log").write_text("\n".join(log_lines) + "\n")
 
     import onnxruntime as ort
 
@@ -155,7 +158,7 @@ def packed_checks(out: Path, attention: str, inputs, onnx_out: np.ndarray) -> di
 # --- latency, sizes, operations ----------------------------------------------------------------------
 
 
-def speed_and_size(base_dir: Path, binary_dir: Path, rounds: int) -> dict:
+def speed_and_size(base_dir: Path, binary_dir: Path, rounds: int, work: Path) -> dict:
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -167,7 +170,7 @@ def speed_and_size(base_dir: Path, binary_dir: Path, rounds: int) -> dict:
     from compressor.quant.binary_stage import BinarizeSpec, binarize_student, count_binary_ops
 
     float_path = base_dir / "model.onnx"
-    int8_path = WORK / "float-student.int8.onnx"
+    int8_path = work / "float-student.int8.onnx"
     quantize_dynamic(str(float_path), str(int8_path), per_channel=True, weight_type=QuantType.QInt8)
     files = {"binarized (1-1-1)": binary_dir / "model.onnx", "float": float_path, "int8 (dynamic)": int8_path}
     latency = {}
@@ -253,27 +256,29 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
     parser.add_argument("--jobs", type=int, default=2, help="recipe runs in parallel (one torch thread each)")
     parser.add_argument("--recipes", nargs="+", default=ALL, choices=ALL)
+    parser.add_argument("--work", type=Path, default=WORK, help="artifacts and results.json go here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    (WORK / "runs").mkdir(parents=True, exist_ok=True)
+    work = args.work.resolve()
+    (work / "runs").mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    jobs = [(name, seed, args.epochs) for seed in args.seeds for name in args.recipes]
+    jobs = [(name, seed, args.epochs, str(work)) for seed in args.seeds for name in args.recipes]
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         runs = []
         for result in pool.imap_unordered(run_one, jobs):
             runs.append(result)
             print(f"{result['name']:>12} seed {result['seed']}: cosine {result['cosine_onnx']:.3f}, spearman "
                   f"{result['spearman_onnx']:.3f} ({result['seconds']:.0f} s)", file=sys.stderr, flush=True)
-    results = {"args": vars(args), "runs": sorted(runs, key=lambda r: (ALL.index(r["name"]), r["seed"])),
+    results = {"args": {**vars(args), "work": str(work)}, "runs": sorted(runs, key=lambda r: (ALL.index(r["name"]), r["seed"])),
                "table": summarize(runs), "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     first = min(args.seeds)
     if {"base", "bibert"} <= set(args.recipes):
-        results["speed"] = speed_and_size(WORK / "runs" / f"base-s{first}", WORK / "runs" / f"bibert-s{first}", args.rounds)
+        results["speed"] = speed_and_size(work / "runs" / f"base-s{first}", work / "runs" / f"bibert-s{first}", args.rounds, work)
     results["seconds"] = round(time.perf_counter() - started, 1)
-    (WORK / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (work / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print(markdown(results))
-    print(f"\ntotal {results['seconds']:.0f} s; wrote {WORK / 'results.json'}", file=sys.stderr)
+    print(f"\ntotal {results['seconds']:.0f} s; wrote {work / 'results.json'}", file=sys.stderr)
     return 0
 
 

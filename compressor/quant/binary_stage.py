@@ -30,7 +30,6 @@ parity, bit-packed `weights.1bit`, both sizes and FLOPs/BOPs in the report.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -52,6 +51,7 @@ from compressor.quant.binary import (
     binarize_,
     binarize_weight,
     binarized_modules,
+    match_names,
     parse_wea,
 )
 from compressor.stages import register_stage
@@ -60,7 +60,6 @@ from compressor.train.stage import TrainingStageSpec, train_student
 
 EXTRAS_KEY = "binary"
 PACKED_NAME = "weights.1bit"
-ATTENTION_CHOICES = ("bi", "sign", "softmax")
 
 
 class BinarizeSpec(TrainingStageSpec):
@@ -152,15 +151,16 @@ def binarize_student(module: nn.Module, spec: BinarizeSpec) -> dict[str, Any]:
 
 
 def freeze_parameters(module: nn.Module, patterns: list[str]) -> dict[str, bool]:
-    """requires_grad False for parameters matching any glob; returns the previous flags to restore."""
+    """requires_grad False for parameters matching any glob ('*' within a dotted segment, '**' across);
+    returns the previous flags to restore. A glob matching no parameter is a RecipeError."""
     names = [n for n, _ in module.named_parameters()]
-    for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            sample = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-            raise RecipeError(f"binarize.freeze: '{pattern}' matches no parameter; names look like: {sample}")
+    try:
+        chosen = set(match_names(names, patterns, "parameter")) if patterns else set()
+    except RecipeError as exc:
+        raise RecipeError(f"binarize.freeze: {exc}") from None
     previous = {}
     for name, param in module.named_parameters():
-        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+        if name in chosen:
             previous[name] = param.requires_grad
             param.requires_grad_(False)
     return previous
@@ -284,7 +284,7 @@ class SignParity:
 
     Exact, except for float ties: a binarized value computed by a float op (LayerNorm, GELU) that lands
     within `tie` of 0 (measured: 2e-9) can round to either side in either runtime's kernel, and a 1-bit
-    network amplifies one flipped sign into many downstream (measured on MiniLM-L3: one tie → 2,600 signs,
+    network amplifies one flipped sign into many downstream (measured on MiniLM-L3: one tie → ~2,700 signs,
     output cosine 0.97 for that sentence). So each sample is compared tensor by tensor in execution order:
     the first tensor where its signs differ must differ only at ties; the sample is then "tied" and not
     compared further. Any other difference is an error.
