@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -78,9 +79,9 @@ def bench_into(directory: Path, protocol: Protocol) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=30)
-    parser.add_argument("--remeasure", type=int, default=10, help="policy.remeasure: side-by-side pairs while inconclusive")
+    parser.add_argument("--remeasure", type=int, default=12, help="policy.remeasure: side-by-side pairs while inconclusive")
     parser.add_argument("--baseline-runs", type=int, default=10)
-    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--slowdown-pairs", type=int, default=12)
     parser.add_argument("--max-minutes", type=float, default=30.0, help="start no new trial after this long")
@@ -94,8 +95,11 @@ def main() -> None:
     pairs = [(bench_into(same, protocol), bench_into(slower, protocol)) for _ in range(args.slowdown_pairs)]
     a_meds, b_meds = np.array(pairs).T
     slowdown = float(np.median(b_meds) / np.median(a_meds))
+    # The noise a side-by-side gate fights: spread of log(slower/unchanged) over back-to-back pairs.
+    pair_sd = float(np.std(np.log(b_meds / a_meds), ddof=1))
     print(f"slowdown: {slowdown:.3f}x (unchanged p50 {np.median(a_meds):.3f} ms, slower {np.median(b_meds):.3f} ms; "
-          f"run-to-run CV {np.std(np.log(a_meds), ddof=1):.3f} / {np.std(np.log(b_meds), ddof=1):.3f})", flush=True)  # fmt: skip
+          f"run-to-run sd(log) {np.std(np.log(a_meds), ddof=1):.3f} / {np.std(np.log(b_meds), ddof=1):.3f}, "
+          f"paired {pair_sd:.3f})", flush=True)  # fmt: skip
 
     budgets = WORK / "budgets.yaml"
     budgets.write_text(
@@ -134,6 +138,7 @@ def main() -> None:
                     "interval": v.interval,
                     "unpaired_one_run": {"raw": alone.raw, "ratio": alone.measured, "interval": alone.interval},
                     "seconds": time.perf_counter() - t0,
+                    "load_average_1min": os.getloadavg()[0],
                 }
             )
             elapsed = time.perf_counter() - started
@@ -153,6 +158,8 @@ def main() -> None:
             "runs_mean": float(runs.mean()),
             "runs_max": int(runs.max()),
             "seconds_mean": float(np.mean([r["seconds"] for r in rows])),
+            "load_average_1min": [float(min(r["load_average_1min"] for r in rows)), float(np.median([r["load_average_1min"] for r in rows])),
+                                  float(max(r["load_average_1min"] for r in rows))],
             "unpaired_one_run": {s: sum(r["unpaired_one_run"]["raw"] == s for r in rows) for s in ("pass", "fail", "inconclusive")},
         }
     out = {
@@ -160,10 +167,11 @@ def main() -> None:
                   "macs": [macs(LAYERS), macs(LAYERS + 1)], "flop_ratio": macs(LAYERS + 1) / macs(LAYERS)},
         "protocol": protocol.to_dict(),
         "measured_slowdown": slowdown,
+        "paired_log_ratio_sd": pair_sd,
         "unchanged_run_medians_ms": a_meds.tolist(),
         "slower_run_medians_ms": b_meds.tolist(),
-        "policy": {"remeasure": args.remeasure, "baseline_runs": args.baseline_runs, "confidence": 0.95,
-                   "inconclusive": "fail", "budget": "latency_p50 max_regression 5%"},
+        "policy": spec.policy.model_dump(),
+        "budget": "latency_p50 on x86-cpu batch 16, max_regression 5%",
         "baseline_seconds": baseline_s,
         "summary": summary,
         "trials": trials,

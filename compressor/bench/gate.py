@@ -3,7 +3,7 @@
 Budgets file (YAML; see docs/gate.md for the statistics):
 
     baseline: baselines/x86-cpu.json            # optional; relative to this file (or --baseline)
-    policy: {confidence: 0.95, remeasure: 8, inconclusive: fail}
+    policy: {confidence: 0.95, remeasure: 8, min_pairs: 4, inconclusive: fail}
     budgets:
       - {metric: latency_p90, target: x86-cpu, batch: 1, max: 2ms}
       - {metric: latency_p50, target: x86-cpu, batch: 1, max_regression: 5%}   # vs the baseline
@@ -67,8 +67,11 @@ class Policy(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
-    remeasure: int = Field(5, ge=0, le=200)  # extra runs allowed per (target, batch) while inconclusive
+    remeasure: int = Field(8, ge=0, le=200)  # extra runs (or pairs) per (target, batch) while inconclusive
     min_runs: int = Field(1, ge=1, le=200)  # runs before any latency verdict (captures run-to-run drift)
+    # Side-by-side pairs before a relative verdict: a t interval from 2-3 pairs whose ratios happen to agree
+    # is narrow by luck, and on a shared machine that luck produced decisive wrong verdicts.
+    min_pairs: int = Field(4, ge=2, le=200)
     inconclusive: Literal["fail", "pass"] = "fail"
     baseline_runs: int = Field(10, ge=1, le=200)  # runs recorded by --update-baseline
     n_boot: int = Field(2000, ge=100, le=100_000)
@@ -408,9 +411,10 @@ def _verdict(
         ratio, low, high = paired_ratio_ci(ev.pairs, budget.metric, conf)
         n = len(ev.pairs)
         base_value = point_value([b for _, b in ev.pairs], budget.metric) if n else None
-        if low is None or high is None:
+        if low is None or high is None or n < policy.min_pairs:
             return Verdict(budget, ratio, False, "inconclusive", "inconclusive", None, n, n, base_value,
-                           "side by side with the baseline model: needs at least 2 pairs of runs", conf, True)  # fmt: skip
+                           f"side by side with the baseline model: needs at least {policy.min_pairs} pairs of runs",
+                           conf, True)  # fmt: skip
         status = _decide(low, high, budget)
         return Verdict(budget, ratio, status == "pass", status, status, (low, high), n, n, base_value,
                        confidence=conf, paired=True)  # fmt: skip
@@ -577,13 +581,16 @@ def gate_report(
             evidence.setdefault(_key(budget), evidence_from_report(report, budget))
         else:
             scalar_value(report, budget)  # bad input is found before anything is measured
+    # Side by side needs both model files and room for min_pairs pairs; otherwise the stored runs are used.
+    paired = baseline_model is not None and model is not None and policy.remeasure >= policy.min_pairs
     for budget in spec.budgets:
         if budget.relative and budget.is_latency and baseline is not None:
             check_baseline(baseline, evidence[_key(budget)])
-            evidence[_key(budget)].paired = baseline_model is not None
+            evidence[_key(budget)].paired = paired
     extra = dict.fromkeys(evidence, 0)
     errors: dict[str, str] = {}
-    # min_runs first, then up to `remeasure` more runs (or side-by-side pairs) while inconclusive.
+    # min_runs first, then up to `remeasure` more runs while inconclusive; side-by-side pairs: up to
+    # `remeasure` pairs, and never fewer than min_pairs can decide.
     cap = policy.min_runs - 1 + policy.remeasure
     while True:
         verdicts = [_verdict(report, b, policy, evidence, baseline) for b in spec.budgets]

@@ -113,32 +113,3 @@ def paired_ratio_ci(
     half = _t(confidence, d.size - 1) * float(d.std(ddof=1)) / np.sqrt(d.size)
     return float(np.exp(mean)), float(np.exp(mean - half)), float(np.exp(mean + half))
 
-
-def _signed_rank_critical(n: int, alpha: float) -> int | None:
-    """Largest c with P(T+ <= c) <= alpha/2 under the null (exact, by counting), or None if none exists."""
-    counts = np.zeros(n * (n + 1) // 2 + 1)
-    counts[0] = 1.0
-    for rank in range(1, n + 1):  # each rank is in T+ or not: counts of subsets by their sum
-        counts[rank:] = counts[rank:] + counts[:-rank].copy()
-    cdf = np.cumsum(counts) / 2.0**n
-    below = np.nonzero(cdf <= alpha / 2)[0]
-    return int(below[-1]) if below.size else None
-
-
-def paired_ratio_ci_robust(
-    pairs: list[tuple[np.ndarray, np.ndarray]], metric: str, confidence: float
-) -> tuple[float | None, float | None, float | None]:
-    """Like `paired_ratio_ci`, but with the Hodges–Lehmann estimate and its Wilcoxon signed-rank interval
-    (Hollander & Wolfe, "Nonparametric Statistical Methods", ch. 3), which one run hit by a burst of load
-    cannot stretch the way it stretches a standard deviation. Exact interval; needs >= 6 pairs at 95%.
-    """
-    if not pairs:
-        return None, None, None
-    d = _log_stats([c for c, _ in pairs], metric) - _log_stats([b for _, b in pairs], metric)
-    i, j = np.triu_indices(d.size)
-    walsh = np.sort((d[i] + d[j]) / 2)
-    estimate = float(np.exp(np.median(walsh)))
-    c = _signed_rank_critical(d.size, 1.0 - confidence)
-    if c is None:
-        return estimate, None, None
-    return estimate, float(np.exp(walsh[c])), float(np.exp(walsh[walsh.size - 1 - c]))

@@ -87,8 +87,6 @@ def target_notes(spec: QATSpec) -> list[str]:
             "signed int8 activations run on ONNX Runtime's slow s8×s8 x86 kernel (measured 6× slower than fp32); "
             "use act_signed: false for x86 CPU targets"
         )
-    if spec.weight_bits == 8 and spec.reduce_range:
-        notes.append("reduce_range: 8-bit weights use 7 bits of range so x86 AVX2 u8×s8 kernels cannot saturate")
     if spec.keep_float:
         notes.append(
             "keep_float: a quantized layer whose output feeds a float layer unquantized still runs in float on ONNX "

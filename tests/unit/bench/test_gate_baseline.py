@@ -195,6 +195,7 @@ def test_relative_budget_side_by_side_with_the_baseline_model(tmp_path):
                          baseline=base, baseline_model=base.model_file(), measure=measure, log=lambda _: None)  # fmt: skip
     v = result.verdicts[0]
     assert v.paired and v.status == "fail" and result.exit_code == 1
+    assert v.runs >= 4 and len(order) == 2 * v.runs  # never decided on fewer than policy.min_pairs pairs
     assert 1.05 < v.interval[0] and v.measured == pytest.approx(1.10, rel=0.05)
     assert order[:4] == ["model", "base", "base", "model"]  # the first to run alternates between pairs
     assert "side-by-side pairs" in v.line()

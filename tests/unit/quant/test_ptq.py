@@ -142,3 +142,42 @@ def test_entropy_calibration_searches_thresholds_instead_of_copying_minmax(tmp_p
     assert scales["minmax"].keys() == scales["entropy"].keys()
     clipped = [k for k in scales["minmax"] if scales["entropy"][k] < 0.99 * scales["minmax"][k]]
     assert clipped  # at least one activation range is clipped below its observed extreme
+
+
+def ptq_recipe(tmp_path, parity):
+    from compressor.recipe import parse_recipe
+
+    return parse_recipe(
+        {
+            "name": "ptq-digits",
+            "student": {"model": "digits_cnn", "kwargs": {"widths": [8, 16]}},
+            "data": {"source": "digits", "batch_size": 64},
+            "stages": [{"kind": "ptq", "calibration": "minmax", "calibration_samples": 128, "parity": parity}],
+            "export": {"parity": {"samples": 64}},
+        }
+    )
+
+
+def test_pipeline_exports_quantizes_and_reports_a_ptq_artifact(tmp_path):
+    from compressor.pipeline import compress
+
+    # An untrained student has near-tied logits, so top-1 is a weak criterion here; cosine still gates.
+    recipe = ptq_recipe(tmp_path, {"max_abs": 1e9, "min_top1_agreement": 0.5, "min_cosine": 0.9})
+    report = compress(recipe, tmp_path / "out", log=lambda _m: None)
+    assert (tmp_path / "out" / "model.onnx").is_file()
+    assert report["quant"]["method"] == "ptq" and report["quant"]["mode"] == "static"
+    assert report["kernels"]["integer_mac_fraction"] == 1.0
+    size = report["size"]
+    assert size["model_bytes"] == (tmp_path / "out" / "model.onnx").stat().st_size
+    assert size["float_export_bytes"] > size["model_bytes"]
+    assert size["stored"]["int8"]["elements"] >= 8 * 9 + 16 * 8 * 9 + 10 * 256
+
+
+def test_pipeline_parity_failure_names_where_it_broke(tmp_path):
+    from compressor.errors import ParityError
+    from compressor.pipeline import compress
+
+    impossible = {"max_abs": 1e-9, "min_top1_agreement": 1.0, "min_cosine": 1.0}
+    with pytest.raises(ParityError, match=r"export parity failed .*(first diverging layer|no single layer diverges)"):
+        compress(ptq_recipe(tmp_path, impossible), tmp_path / "out", log=lambda _m: None)
+    assert not (tmp_path / "out").exists()
