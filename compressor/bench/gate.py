@@ -3,7 +3,7 @@
 Budgets file (YAML; see docs/gate.md for the statistics):
 
     baseline: baselines/x86-cpu.json            # optional; relative to this file (or --baseline)
-    policy: {confidence: 0.95, remeasure: 8, min_pairs: 4, inconclusive: fail}
+    policy: {confidence: 0.95, remeasure: 12, min_pairs: 4, inconclusive: fail}
     budgets:
       - {metric: latency_p90, target: x86-cpu, batch: 1, max: 2ms}
       - {metric: latency_p50, target: x86-cpu, batch: 1, max_regression: 5%}   # vs the baseline
@@ -67,7 +67,7 @@ class Policy(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
-    remeasure: int = Field(8, ge=0, le=200)  # extra runs (or pairs) per (target, batch) while inconclusive
+    remeasure: int = Field(12, ge=0, le=200)  # extra runs (or pairs) per (target, batch) while inconclusive
     min_runs: int = Field(1, ge=1, le=200)  # runs before any latency verdict (captures run-to-run drift)
     # Side-by-side pairs before a relative verdict: a t interval from 2-3 pairs whose ratios happen to agree
     # is narrow by luck, and on a shared machine that luck produced decisive wrong verdicts.
@@ -511,18 +511,46 @@ class GateResult:
 Measure = Callable[[LatencyEvidence, Path], np.ndarray]
 
 
-def runner_measure(ev: LatencyEvidence, model_path: Path) -> np.ndarray:
-    """One more run of `model_path` with the target's runner, the report's protocol and batch."""
+# (evidence, candidate model, baseline model) → one side-by-side pair of runs' samples (ms).
+MeasurePair = Callable[[LatencyEvidence, Path, Path], tuple[np.ndarray, np.ndarray]]
+
+
+def _runner_and_protocol(ev: LatencyEvidence):
     from compressor.bench.measure import Protocol
     from compressor.targets.profile import load_profile
     from compressor.targets.runner import get_runner
 
-    protocol = Protocol.from_dict(ev.measurement.get("protocol") or {})
-    m = get_runner(load_profile(ev.target)).measure(Path(model_path), protocol, batch=ev.batch)
+    return get_runner(load_profile(ev.target)), Protocol.from_dict(ev.measurement.get("protocol") or {})
+
+
+def _samples_checked(ev: LatencyEvidence, m: Any, model_path: Path) -> np.ndarray:
     problem = mismatch(identity_of(ev.measurement, ev.target, ev.batch), identity_of(m.to_dict(), ev.target, ev.batch))
     if problem:
         raise MeasurementError(f"re-measuring {ev.key} with {Path(model_path).name} measured something else: {problem}")
     return np.asarray(m.samples_ms, dtype=np.float64)
+
+
+def runner_measure(ev: LatencyEvidence, model_path: Path) -> np.ndarray:
+    """One more run of `model_path` with the target's runner, the report's protocol and batch."""
+    runner, protocol = _runner_and_protocol(ev)
+    return _samples_checked(ev, runner.measure(Path(model_path), protocol, batch=ev.batch), model_path)
+
+
+def runner_measure_pair(ev: LatencyEvidence, first: Path, second: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One side-by-side pair: both models in one process where the runtime allows (ONNX Runtime), in
+    alternating blocks, so that the machine's load hits both alike; otherwise two runs back to back."""
+    runner, protocol = _runner_and_protocol(ev)
+    a, b = runner.measure_pair(Path(first), Path(second), protocol, batch=ev.batch)
+    return _samples_checked(ev, a, first), _samples_checked(ev, b, second)
+
+
+def sequential_pairs(measure: Measure) -> MeasurePair:
+    """A MeasurePair from a single-run Measure: the two runs one after the other."""
+
+    def pair(ev: LatencyEvidence, first: Path, second: Path) -> tuple[np.ndarray, np.ndarray]:
+        return measure(ev, first), measure(ev, second)
+
+    return pair
 
 
 def model_beside(source: Path, report: dict[str, Any]) -> Path | None:
@@ -563,6 +591,7 @@ def gate_report(
     baseline: Baseline | None = None,
     baseline_model: Path | None = None,
     measure: Measure = runner_measure,
+    measure_pair: MeasurePair | None = None,
     skip_relative: bool = False,
     log: Callable[[str], None] = print,
 ) -> GateResult:
@@ -570,9 +599,13 @@ def gate_report(
 
     `model`: the candidate's file (None: the gate cannot re-measure; an inconclusive latency that should be
     re-measured is then a measurement failure, never a pass). `baseline_model`: the baseline's own file;
-    when given, relative latency budgets are judged on runs of both models measured back to back.
+    when given, relative latency budgets are judged on pairs of runs of both models measured side by side
+    (`measure_pair`; default: the runner's paired measurement, or two `measure` runs when `measure` is not
+    the runner's).
     """
     policy = spec.policy
+    if measure_pair is None:
+        measure_pair = runner_measure_pair if measure is runner_measure else sequential_pairs(measure)
     if baseline is None and not skip_relative and any(b.relative for b in spec.budgets):
         raise BudgetError("relative budgets (max_regression) need a baseline: pass --baseline PATH")
     evidence: dict[str, LatencyEvidence] = {}
@@ -605,11 +638,14 @@ def gate_report(
                 continue
             try:
                 if ev.paired:
-                    # Alternate which model goes first so that a trend in machine load does not favour one.
-                    order = [(model, 0), (baseline_model, 1)] if len(ev.pairs) % 2 == 0 else [(baseline_model, 1), (model, 0)]
-                    got = {slot: measure(ev, path) for path, slot in order}  # type: ignore[arg-type]
-                    ev.pairs.append((got[0], got[1]))
-                    ev.runs.append(got[0])
+                    # Alternate which model goes first (loads first, runs first): neither position may
+                    # decide the ratio.
+                    if len(ev.pairs) % 2 == 0:
+                        mine, theirs = measure_pair(ev, model, baseline_model)  # type: ignore[arg-type]
+                    else:
+                        theirs, mine = measure_pair(ev, baseline_model, model)  # type: ignore[arg-type]
+                    ev.pairs.append((mine, theirs))
+                    ev.runs.append(mine)
                 else:
                     ev.runs.append(measure(ev, model))
                 extra[key] += 1
@@ -641,6 +677,7 @@ def run_gate(
     inconclusive: str | None = None,
     baseline_runs: int | None = None,
     measure: Measure = runner_measure,
+    measure_pair: MeasurePair | None = None,
     log: Callable[[str], None] = print,
 ) -> GateResult:
     """`compress gate`: read the budgets and the report (an artifact directory or its report.json), judge,
@@ -680,6 +717,7 @@ def run_gate(
     baseline_model = baseline.model_file() if baseline is not None else None
     result = gate_report(
         report, spec, model=model, baseline=baseline, baseline_model=baseline_model, measure=measure,
+        measure_pair=measure_pair,
         skip_relative=update_baseline is not None, log=log,
     )  # fmt: skip
     if baseline is not None and baseline_model is None and any(b.relative and b.is_latency for b in spec.budgets):

@@ -159,6 +159,19 @@ class Runner(ABC):
     ) -> Measurement:
         """Time `model_path`; raise MeasurementError rather than return anything partial."""
 
+    def measure_pair(
+        self,
+        model_path: Path,
+        other_path: Path,
+        protocol: Protocol,
+        batch: int = 1,
+        *,
+        dims: Mapping[str, int] | None = None,
+    ) -> tuple[Measurement, Measurement]:
+        """Time two models side by side, for a ratio. Runtimes that can run both in one process interleave
+        them there (see OrtRunner); this fallback measures them one after the other, in two processes."""
+        return self.measure(model_path, protocol, batch, dims=dims), self.measure(other_path, protocol, batch, dims=dims)
+
     @abstractmethod
     def check(self) -> TargetCheck:
         """Whether the target is reachable and has what measuring needs."""

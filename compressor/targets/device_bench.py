@@ -196,28 +196,43 @@ def run(args: argparse.Namespace) -> dict:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Idle intra-op workers keep spinning after run() returns and steal cores from whatever runs next.
     so.add_session_config_entry("session.force_spinning_stop", "1")
-    t0 = time.perf_counter()
-    try:
-        session = ort.InferenceSession(args.model, sess_options=so, providers=args.providers)
-    except Exception as exc:  # ORT raises its own exception types for unreadable or invalid models.
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BenchError("bad-model", f"onnxruntime cannot load {args.model}: {first}") from None
-    load_s = time.perf_counter() - t0
     dims = dict(args.dim)
-    feeds = make_inputs(session, args.batch, dims, args.seed)
+    timed = [{"path": args.model, "sessions": [], "load_s": 0.0, "samples_ns": []}]
+    if args.compare:
+        timed.append({"path": args.compare, "sessions": [], "load_s": 0.0, "samples_ns": []})
+    # With --compare, each model gets --sessions sessions, loaded in A B B A ... order: where a session's
+    # memory lands shifts all of its samples by a few percent, and which model loads first must not decide
+    # the ratio.
+    for copy in range(args.sessions if args.compare else 1):
+        for model in timed if copy % 2 == 0 else timed[::-1]:
+            t0 = time.perf_counter()
+            model["sessions"].append(_load(ort, so, model["path"], args))
+            model["load_s"] += time.perf_counter() - t0
+    for model in timed:
+        model["feeds"] = make_inputs(model["sessions"][0], args.batch, dims, args.seed)
 
     for _ in range(args.warmup):
-        session.run(None, feeds)
-    samples_ns = []
+        for model in timed:
+            for session in model["sessions"]:
+                session.run(None, model["feeds"])
     clock = time.perf_counter_ns
+    # With --compare, the two models run in alternating blocks of --block iterations, and the order flips
+    # every block (A B, B A, ...): whatever the machine does meanwhile (load, clocks) hits both alike, so
+    # their ratio is far steadier than that of two separate processes (measured: benchmarks/gate_noise.md).
+    block = args.block if args.compare else 1
+    first = timed[0]["samples_ns"]
     start = clock()
     min_ns = int(args.min_seconds * 1e9)
-    while len(samples_ns) < args.max_iterations and (
-        len(samples_ns) < args.iterations or clock() - start < min_ns
-    ):
-        t = clock()
-        session.run(None, feeds)
-        samples_ns.append(clock() - t)
+    rounds = 0
+    while len(first) < args.max_iterations and (len(first) < args.iterations or clock() - start < min_ns):
+        for model in timed if rounds % 2 == 0 else timed[::-1]:
+            sessions, feeds, out = model["sessions"], model["feeds"], model["samples_ns"]
+            session = sessions[(rounds // 2) % len(sessions)]
+            for _ in range(block):
+                t = clock()
+                session.run(None, feeds)
+                out.append(clock() - t)
+        rounds += 1
 
     env = environment()
     env.update(
@@ -225,22 +240,50 @@ def run(args: argparse.Namespace) -> dict:
             "runtime": "onnxruntime",
             "onnxruntime_version": ort.__version__,
             "available_providers": available,
-            "session_providers": session.get_providers(),
+            "session_providers": timed[0]["sessions"][0].get_providers(),
             "intra_op_threads": args.threads,
             "graph_optimization_level": "ORT_ENABLE_ALL",
             "numpy_version": __import__("numpy").__version__,
         }
     )
-    return {
+    result = {
         "schema": SCHEMA,
-        "samples_ms": [s / 1e6 for s in samples_ns],
+        "samples_ms": [t / 1e6 for t in first],
         "warmup": args.warmup,
-        "session_load_s": load_s,
-        "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()},
+        "session_load_s": timed[0]["load_s"] / len(timed[0]["sessions"]),
+        "inputs": _shapes(timed[0]["feeds"]),
         "environment": env,
         # run() with host numpy arrays: includes input/output copies, so it is end-to-end, not compute-only.
         "kind": "end-to-end",
     }
+    if args.compare:
+        other = timed[1]
+        result["compare"] = {
+            "samples_ms": [t / 1e6 for t in other["samples_ns"]],
+            "session_load_s": other["load_s"] / len(other["sessions"]),
+            "inputs": _shapes(other["feeds"]),
+            "block": block,
+            "sessions": len(other["sessions"]),
+        }
+    return result
+
+
+def _load(ort, so, path: str, args: argparse.Namespace):
+    try:
+        return ort.InferenceSession(path, sess_options=so, providers=args.providers)
+    except Exception as exc:  # ORT raises its own exception types for unreadable or invalid models.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BenchError("bad-model", f"onnxruntime cannot load {path}: {first}") from None
+
+
+def _shapes(feeds: dict) -> dict:
+    return {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()}
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def _dim(text: str):
@@ -264,14 +307,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--dim", type=_dim, action="append", default=[])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare", help="a second model, timed in the same process in alternating blocks")
+    p.add_argument("--block", type=_positive, default=10, help="iterations per block with --compare")
+    p.add_argument("--sessions", type=_positive, default=2, help="sessions per model with --compare")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        if not os.path.isfile(args.model):
-            raise BenchError("bad-input", f"model file {args.model} does not exist")
+        for path in filter(None, (args.model, args.compare)):
+            if not os.path.isfile(path):
+                raise BenchError("bad-input", f"model file {path} does not exist")
         _emit(run(args))
         return 0
     except BenchError as exc:

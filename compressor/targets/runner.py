@@ -40,6 +40,12 @@ __all__ = [
 ]
 
 BENCH_SCRIPT = Path(device_bench.__file__).resolve()
+# Iterations of one model before the other takes over in a paired measurement: long enough that switching
+# costs little, short enough that a burst of load lands on both.
+INTERLEAVE_BLOCK = 10
+# Sessions per model in a paired measurement (each holds its own copy of the weights): a session's memory
+# placement shifts all of its samples, and two sessions average that out (benchmarks/gate_noise.md).
+PAIR_SESSIONS = 2
 # Runs on the device before anything is copied: is there a Python with numpy and onnxruntime?
 _PROBE = (
     "import json, sys\n"
@@ -165,41 +171,77 @@ class OrtRunner(Runner):
     def measure(
         self, model_path: Path, protocol: Protocol, batch: int = 1, *, dims: Mapping[str, int] | None = None
     ) -> Measurement:
-        model = self._model(model_path)
+        return self._bench([self._model(model_path)], protocol, batch, dims)[0]
+
+    def measure_pair(
+        self,
+        model_path: Path,
+        other_path: Path,
+        protocol: Protocol,
+        batch: int = 1,
+        *,
+        dims: Mapping[str, int] | None = None,
+    ) -> tuple[Measurement, Measurement]:
+        """Both models in one process on the device, in alternating blocks (device_bench.py --compare)."""
+        first, second = self._bench([self._model(model_path), self._model(other_path)], protocol, batch, dims)
+        return first, second
+
+    def _bench(
+        self, models: list[Path], protocol: Protocol, batch: int, dims: Mapping[str, int] | None
+    ) -> list[Measurement]:
         self.probe()
         applied = apply_setup(self.transport, self.profile.device_setup)
         resolved_dims = self._dims(dims)
-        with self.transport.staged({"model.onnx": model, "device_bench.py": BENCH_SCRIPT}) as st:
-            argv = self.bench_argv(
-                st.paths["model.onnx"], st.paths["device_bench.py"], protocol, batch, resolved_dims
-            )
+        files = dict(zip(("model.onnx", "compare.onnx"), models))
+        with self.transport.staged({**files, "device_bench.py": BENCH_SCRIPT}) as st:
+            argv = self.bench_argv(st.paths["model.onnx"], st.paths["device_bench.py"], protocol, batch, resolved_dims)
+            if len(models) > 1:
+                argv += ["--compare", st.paths["compare.onnx"], "--block", str(INTERLEAVE_BLOCK), "--sessions", str(PAIR_SESSIONS)]
             res = self.transport.run(
                 argv,
-                timeout_s=min(protocol.timeout_s, self.profile.timeout_s),
+                timeout_s=min(protocol.timeout_s * len(models), self.profile.timeout_s * len(models)),
                 cwd=st.workdir,
                 what="benchmarking",
             )
         payload = parse_bench_output(res, self.transport.description, min_samples=protocol.iterations)
-        samples = [float(s) for s in payload["samples_ms"]]
-        env = dict(payload["environment"])
-        env.update(
-            {
-                "transport": self.transport.description,
-                "device_setup_applied": applied,
-                "model_sha256": sha256_file(model),
-                "inputs": payload.get("inputs"),
-                "session_load_s": payload.get("session_load_s"),
-            }
-        )
-        return Measurement(
-            target=self.profile.name,
-            batch=batch,
-            stats=summarize(samples),
-            environment=env,
-            kind=payload.get("kind", "end-to-end"),
-            samples_ms=samples,
-            protocol=protocol.to_dict(),
-        )
+        results = [payload]
+        if len(models) > 1:
+            other = payload.get("compare")
+            samples = other.get("samples_ms") if isinstance(other, dict) else None
+            if not isinstance(samples, list) or len(samples) < protocol.iterations:
+                raise MeasurementError(
+                    f"the paired benchmark on {self.transport.description} printed no complete second result"
+                )
+            results.append({**payload, **other})
+        measurements = []
+        for model, result in zip(models, results):
+            samples = [float(s) for s in result["samples_ms"]]
+            env = dict(payload["environment"])
+            env.update(
+                {
+                    "transport": self.transport.description,
+                    "device_setup_applied": applied,
+                    "model_sha256": sha256_file(model),
+                    "inputs": result.get("inputs"),
+                    "session_load_s": result.get("session_load_s"),
+                }
+            )
+            if len(models) > 1:
+                env["interleaved_with"] = sha256_file(models[1 - len(measurements)])
+                env["interleave_block"] = INTERLEAVE_BLOCK
+                env["sessions_per_model"] = PAIR_SESSIONS
+            measurements.append(
+                Measurement(
+                    target=self.profile.name,
+                    batch=batch,
+                    stats=summarize(samples),
+                    environment=env,
+                    kind=payload.get("kind", "end-to-end"),
+                    samples_ms=samples,
+                    protocol=protocol.to_dict(),
+                )
+            )
+        return measurements
 
 
 def make_transport(profile: TargetProfile) -> Transport:

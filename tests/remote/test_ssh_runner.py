@@ -313,3 +313,16 @@ def test_disk_full_on_the_device_is_reported(sshd, tmp_path):
         assert list(small.iterdir()) == []  # the partial copy was removed
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_paired_measurement_runs_both_models_in_one_remote_process(sshd, tmp_path):
+    first = _model(tmp_path / "a.onnx")
+    second = tmp_path / "b.onnx"
+    second.write_bytes(first.read_bytes())  # an identical copy: same shapes, its own session on the device
+
+    mine, theirs = _runner(sshd, tmp_path).measure_pair(first, second, FAST, batch=2)
+
+    assert mine.stats.n == theirs.stats.n == 20
+    assert mine.environment["transport"] == theirs.environment["transport"] == f"ssh {sshd.user}@127.0.0.1:{sshd.port}"
+    assert theirs.environment["inputs"] == mine.environment["inputs"] == {"x": {"shape": [2, 32], "dtype": "float32"}}
+    assert _left_on_device(tmp_path) == []

@@ -219,3 +219,24 @@ def test_update_baseline_replaces_a_baseline_from_an_older_runtime(tmp_path):
     fresh = load_baseline(old)
     assert fresh.identity_for("x86-cpu", 1)["runtime_version"] == "1.32.0"
     assert len(fresh.runs_for("x86-cpu", 1)) == 4 and fresh.model_file().read_bytes() == b"model bytes"
+
+
+def test_side_by_side_pairs_alternate_the_slot_so_a_position_bias_cancels(tmp_path):
+    """A runner whose first slot (loaded first, timed first) reads 6% slow must not fail an unchanged model."""
+    (tmp_path / "model.onnx").write_bytes(b"same model")
+    (tmp_path / "old.onnx").write_bytes(b"same model")
+    base = load_baseline(baseline_file(tmp_path, [1.0, 1.0, 1.0], model=tmp_path / "old.onnx"))
+    slots = []
+
+    def measure_pair(ev, first, second):
+        slots.append(Path(first).stem)
+        jitter = 1 + 0.01 * ((len(slots) % 3) - 1)  # a little noise, so that the interval has a width
+        return runs_with_medians([1.06 * jitter])[0], runs_with_medians([1.0])[0]
+
+    spec = relative()
+    result = gate_report(report_for(runs_with_medians([1.0])[0]), spec, model=tmp_path / "model.onnx", baseline=base,
+                         baseline_model=base.model_file(), measure_pair=measure_pair, log=lambda _: None)  # fmt: skip
+    v = result.verdicts[0]
+    assert slots[:4] == ["model", "base", "model", "base"]
+    assert v.paired and v.status == "pass" and v.measured == pytest.approx(1.0, abs=0.01)
+    assert v.interval[0] < 1.0 < v.interval[1] <= 1.05

@@ -224,3 +224,28 @@ def test_parse_kv_and_setup_commands():
     assert cmds[1] == ["sudo", "-n", "jetson_clocks"]
     assert cmds[2][:4] == ["sudo", "-n", "sh", "-c"] and "echo performance >" in cmds[2][4]
     assert setup_commands(DeviceSetup()) == []
+
+
+def test_paired_measurement_times_both_models_in_one_process_in_alternating_blocks(tmp_path, capsys):
+    small, large = _mlp(tmp_path / "small.onnx"), _token_model(tmp_path / "tokens.onnx")
+    # device_bench itself: both models, the same number of samples each, the block size reported.
+    code = device_bench.main(["--model", str(small), "--compare", str(large), "--iterations", "25", "--warmup", "1",
+                              "--block", "4", "--threads", "1", "--dim", "sequence=8"])  # fmt: skip
+    payload = parse_bench_output(RunResult(code, capsys.readouterr().out, ""), "here", min_samples=25)
+    assert len(payload["samples_ms"]) == len(payload["compare"]["samples_ms"]) == 28  # 7 blocks of 4
+    assert payload["compare"]["block"] == 4 and payload["compare"]["sessions"] == 2
+    assert payload["inputs"] == {"x": {"shape": [1, 16], "dtype": "float32"}}
+    assert set(payload["compare"]["inputs"]) == {"input_ids", "attention_mask"}
+
+    # The runner: two labelled Measurements, each naming the model it timed and the one it was paired with.
+    runner = get_runner(_local(shapes={"sequence": 8}))
+    mine, theirs = runner.measure_pair(small, large, FAST, batch=2)
+    assert mine.stats.n >= 15 and theirs.stats.n == mine.stats.n
+    assert mine.environment["model_sha256"] == theirs.environment["interleaved_with"] != theirs.environment["model_sha256"]
+    assert mine.environment["inputs"] == {"x": {"shape": [2, 16], "dtype": "float32"}}
+    assert theirs.environment["inputs"]["input_ids"]["shape"] == [2, 8]
+
+
+def test_paired_measurement_refuses_a_missing_second_model(tmp_path):
+    with pytest.raises(MeasurementError, match=r"model file .*absent.onnx does not exist"):
+        get_runner(_local()).measure_pair(_mlp(tmp_path / "m.onnx"), tmp_path / "absent.onnx", FAST)
