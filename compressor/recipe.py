@@ -151,6 +151,11 @@ class BenchSpec(Strict):
     warmup: int = Field(20, ge=0)
     iterations: int = Field(200, ge=1)
     batches: list[int] = Field(default_factory=lambda: [1])
+    # A quantized (QAT/PTQ/binarized) artifact is also timed against a float export of the same student on the
+    # first target, interleaved, at the smallest batch: report.json `latency_vs_float`, and a warning when it
+    # is not faster. A few short rounds (warmup/iterations capped at 20/100): it runs in every pipeline run.
+    compare_float: bool = True
+    compare_float_rounds: int = Field(3, ge=1)
 
 
 class Recipe(Strict):

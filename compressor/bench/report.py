@@ -29,6 +29,114 @@ def _delta(value: float | None, previous: float | None) -> str:
     return f"{(value - previous) * 100:+.2f} pts"
 
 
+def _ops(counts: dict[str, int] | None) -> str:
+    return ", ".join(f"{op} ×{n}" for op, n in sorted((counts or {}).items())) or "none"
+
+
+def _bytes(n: int) -> str:
+    return f"{n:,} B" if n < 10_000 else _mb(n)
+
+
+def warnings_section(report: dict[str, Any]) -> list[str]:
+    """What the run wants a reader to know before trusting a number (quantized but not faster, ...)."""
+    warnings = report.get("warnings") or []
+    if not warnings:
+        return []
+    return ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
+
+
+def kernels_section(report: dict[str, Any]) -> list[str]:
+    """The compute ops ONNX Runtime keeps after its graph optimizations and the integer share of the MACs."""
+    kernels = report.get("kernels") or {}
+    if not kernels:
+        return []
+    lines = [
+        "## What ONNX Runtime executes",
+        "",
+        f"After ONNX Runtime's graph optimizations: integer compute ops {_ops(kernels.get('integer_ops'))}; "
+        f"float compute ops {_ops(kernels.get('float_ops'))}.",
+    ]
+    fraction, macs = kernels.get("integer_mac_fraction"), kernels.get("macs") or {}
+    if fraction is not None and macs.get("total"):
+        unmapped = f", {macs.get('unmapped', 0):,} fused into other kernels" if macs.get("unmapped") else ""
+        lines.append(
+            f"**{fraction:.0%} of the {macs['total']:,} MACs** (batch 1) run in integer kernels "
+            f"({macs.get('integer', 0):,} integer, {macs.get('float', 0):,} float{unmapped})."
+        )
+    return lines + [""]
+
+
+def _quant_method(quant: dict[str, Any]) -> str:
+    """One line: how the artifact was quantized, from report.json `quant`."""
+    if quant.get("method") == "ptq":
+        how = f"{quant.get('mode')} PTQ ({quant.get('library')})"
+        if quant.get("calibration"):
+            how += f", {quant['calibration']} calibration on {quant.get('calibration_samples')} samples"
+        return how + (", per-channel weights" if quant.get("per_channel") else "")
+    if quant.get("method") == "qat":
+        act = f"{'signed' if quant.get('act_signed') else 'unsigned'} {quant.get('act_bits')}-bit activations"
+        weights = f"{quant.get('weight_bits')}-bit {'per-channel' if quant.get('per_channel') else 'per-tensor'} weights"
+        if quant.get("reduce_range") and quant.get("weight_bits") == 8:
+            weights += " (7-bit range: x86 without VNNI)"
+        kept = f"; kept in float: {', '.join(quant['keep_float'])}" if quant.get("keep_float") else ""
+        return f"QAT ({quant.get('library')}): {weights}, {act}{kept}"
+    return str(quant.get("method", "quantized"))
+
+
+def _latency_vs_float_line(comparison: dict[str, Any]) -> str:
+    protocol = comparison.get("protocol") or {}
+    # `faster` is compare_latency's verdict (speed-up above the ~5% noise of a round), not just > 1.
+    verdict = "faster" if comparison.get("faster") else "slower" if comparison["speedup"] < 1 else "not faster beyond noise"
+    return (
+        f"Quantized vs a float export of the same student on {comparison.get('target')} at batch {comparison.get('batch')}: "
+        f"p50 {comparison['quantized_p50_ms']:.4f} ms vs {comparison['float_p50_ms']:.4f} ms, speed-up **{comparison['speedup']:.2f}×** "
+        f"({verdict}; {protocol.get('rounds', comparison.get('rounds'))} interleaved rounds × {protocol.get('iterations', '-')} iterations, "
+        f"per-round speed-ups {', '.join(f'{r:.2f}' for r in comparison.get('round_speedups', []))})."
+    )
+
+
+def quantization_section(report: dict[str, Any]) -> list[str]:
+    """How the artifact was quantized, what that means on the target, and whether it is faster than float."""
+    quant, comparison = report.get("quant") or {}, report.get("latency_vs_float") or {}
+    if not quant and not comparison:
+        return []
+    lines = ["## Quantization", ""]
+    if quant:
+        lines += [_quant_method(quant), ""]
+        lines += [f"- note: {note}" for note in quant.get("notes") or []]
+        if quant.get("notes"):
+            lines.append("")
+    if comparison:
+        lines += [_latency_vs_float_line(comparison), ""]
+    return lines
+
+
+def size_section(report: dict[str, Any]) -> list[str]:
+    """Bytes on disk by stored element type and parameters by precision: what the size claim is made of."""
+    size = report.get("size") or {}
+    stored, by_precision = size.get("stored") or {}, size.get("parameters_by_precision") or {}
+    if not stored and not by_precision:
+        return []
+    lines = ["## Size", ""]
+    if stored:
+        total = sum(entry["bytes"] for entry in stored.values())
+        lines += ["Constants stored in `model.onnx` by element type:", "", "| stored as | tensors | elements | bytes | share |", "|---|---|---|---|---|"]
+        for kind, entry in sorted(stored.items(), key=lambda item: -item[1]["bytes"]):
+            share = entry["bytes"] / total if total else 0.0
+            lines.append(f"| {kind} | {entry['tensors']} | {entry['elements']:,} | {_bytes(entry['bytes'])} | {share:.0%} |")
+        extra = []
+        if size.get("float_export_bytes"):
+            extra.append(f"the float export it was quantized from: {_bytes(size['float_export_bytes'])}")
+        if size.get("packed_bytes"):
+            extra.append(f"1-bit packed weights (`weights.1bit`): {_bytes(size['packed_bytes'])}")
+        lines += ["", *([f"For comparison, {'; '.join(extra)}.", ""] if extra else [])]
+    if by_precision:
+        lines += ["Parameters of the trained model by precision:", "", "| precision | parameters |", "|---|---|"]
+        lines += [f"| {kind} | {count:,} |" for kind, count in by_precision.items()]
+        lines.append("")
+    return lines
+
+
 def headline_latency(report: dict[str, Any]) -> tuple[str, float] | None:
     """(where, p50 ms) of the first measured target, batch 1 preferred: the number a reader looks for."""
     for target, per_batch in (report.get("latency") or {}).items():
@@ -114,6 +222,7 @@ def render_markdown(report: dict[str, Any], pareto: str | None = None) -> str:
         f"Size on disk: **{_mb(size.get('model_bytes'))}** (`model.onnx`), {size.get('parameters', '-')} parameters.",
         "",
     ]
+    lines += warnings_section(report)
     parity = report.get("parity", {})
     if parity:
         lines += [
@@ -123,14 +232,9 @@ def render_markdown(report: dict[str, Any], pareto: str | None = None) -> str:
             f"min cosine {parity.get('min_cosine', 0):.6f}, top-1 agreement {parity.get('top1_agreement')}.",
             "",
         ]
-    kernels = report.get("kernels", {})
-    if kernels:
-        lines += [
-            "## What ONNX Runtime executes",
-            "",
-            f"Integer compute ops: {kernels.get('integer_ops')}; float compute ops: {kernels.get('float_ops') or 'none'}.",
-            "",
-        ]
+    lines += kernels_section(report)
+    lines += quantization_section(report)
+    lines += size_section(report)
     lines += lineage_section(report)
     latency = report.get("latency", {})
     if latency:

@@ -44,6 +44,11 @@ def test_report_holds_measured_numbers(artifact):
     latency = report["latency"]["x86-cpu"]["batch_1"]
     assert latency["stats"]["n"] >= 30 and 0 < latency["stats"]["p50"] <= latency["stats"]["p99"]
     assert report["parity"]["passed"] and report["parity"]["samples"] > 0
+    # "Quantized but not faster": the int8 file was timed side by side with a float export of the same student.
+    versus = report["latency_vs_float"]
+    assert versus["quantized_p50_ms"] > 0 and versus["float_p50_ms"] > 0 and len(versus["round_speedups"]) >= 1
+    assert versus["speedup"] == pytest.approx(versus["float_p50_ms"] / versus["quantized_p50_ms"])
+    assert not (artifact / "model.float.onnx").exists()  # the float file is a measuring stick, not published
 
 
 def test_bench_and_gate_on_the_artifact(artifact, cli_env, tmp_path):
