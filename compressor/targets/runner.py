@@ -173,18 +173,12 @@ class OrtRunner(Runner):
     ) -> Measurement:
         return self._bench([self._model(model_path)], protocol, batch, dims)[0]
 
-    def measure_pair(
-        self,
-        model_path: Path,
-        other_path: Path,
-        protocol: Protocol,
-        batch: int = 1,
-        *,
-        dims: Mapping[str, int] | None = None,
+    def _side_by_side(
+        self, first: Path, second: Path, protocol: Protocol, batch: int, dims: Mapping[str, int] | None
     ) -> tuple[Measurement, Measurement]:
         """Both models in one process on the device, in alternating blocks (device_bench.py --compare)."""
-        first, second = self._bench([self._model(model_path), self._model(other_path)], protocol, batch, dims)
-        return first, second
+        a, b = self._bench([first, second], protocol, batch, dims)
+        return a, b
 
     def _bench(
         self, models: list[Path], protocol: Protocol, batch: int, dims: Mapping[str, int] | None
