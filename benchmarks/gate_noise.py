@@ -79,7 +79,7 @@ def bench_into(directory: Path, protocol: Protocol) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=30)
-    parser.add_argument("--remeasure", type=int, default=12, help="policy.remeasure: side-by-side pairs while inconclusive")
+    parser.add_argument("--remeasure", type=int, default=20, help="policy.remeasure: side-by-side pairs while inconclusive")
     parser.add_argument("--out", type=Path, default=WORK / "gate_noise.json")
     parser.add_argument("--baseline-runs", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=200)

@@ -3,7 +3,7 @@
 Budgets file (YAML; see docs/gate.md for the statistics):
 
     baseline: baselines/x86-cpu.json            # optional; relative to this file (or --baseline)
-    policy: {confidence: 0.95, remeasure: 12, min_pairs: 4, inconclusive: fail}
+    policy: {confidence: 0.95, remeasure: 20, min_pairs: 4, inconclusive: fail}
     budgets:
       - {metric: latency_p90, target: x86-cpu, batch: 1, max: 2ms}
       - {metric: latency_p50, target: x86-cpu, batch: 1, max_regression: 5%}   # vs the baseline
@@ -67,7 +67,7 @@ class Policy(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
-    remeasure: int = Field(12, ge=0, le=200)  # extra runs (or pairs) per (target, batch) while inconclusive
+    remeasure: int = Field(20, ge=0, le=200)  # extra runs (or pairs) per (target, batch) while inconclusive
     min_runs: int = Field(1, ge=1, le=200)  # runs before any latency verdict (captures run-to-run drift)
     # Side-by-side pairs before a relative verdict: a t interval from 2-3 pairs whose ratios happen to agree
     # is narrow by luck, and on a shared machine that luck produced decisive wrong verdicts.
