@@ -90,7 +90,7 @@ def _latency_vs_float_line(comparison: dict[str, Any]) -> str:
     return (
         f"Quantized vs a float export of the same student on {comparison.get('target')} at batch {comparison.get('batch')}: "
         f"p50 {comparison['quantized_p50_ms']:.4f} ms vs {comparison['float_p50_ms']:.4f} ms, speed-up **{comparison['speedup']:.2f}×** "
-        f"({verdict}; {protocol.get('rounds', comparison.get('rounds'))} interleaved rounds × {protocol.get('iterations', '-')} iterations, "
+        f"({verdict}; {protocol.get('rounds', comparison.get('rounds'))} side-by-side rounds × {protocol.get('iterations', '-')} iterations, "
         f"per-round speed-ups {', '.join(f'{r:.2f}' for r in comparison.get('round_speedups', []))})."
     )
 

@@ -80,7 +80,7 @@ def test_quantization_section_has_method_notes_and_latency_vs_float():
     assert lines[0] == "QAT (brevitas): 4-bit per-channel weights, unsigned 8-bit activations; kept in float: last"
     assert lines[1].startswith("- note: 4-bit weights: ONNX has no 4-bit tensor type")
     assert lines[2].startswith("Quantized vs a float export of the same student on x86-cpu at batch 1: p50 0.0331 ms vs 0.0308 ms")
-    assert "speed-up **0.93×** (slower; 3 interleaved rounds × 100 iterations" in lines[2]
+    assert "speed-up **0.93×** (slower; 3 side-by-side rounds × 100 iterations" in lines[2]
     assert "per-round speed-ups 0.90, 0.93, 0.95" in lines[2]
 
 
