@@ -198,6 +198,8 @@ def run_binarize(state: ModelState, spec: BinarizeSpec, ctx: RunContext) -> Mode
     if state.extras.get("quant") or state.extras.get("post_export_quant"):
         raise RecipeError(f"{label}: the student is already quantized (qat/ptq); binarize a float student")
     details = binarize_student(state.module, spec)
+    if ctx.data.train is not None:
+        refuse_constant_activations(state.module, next(iter(ctx.data.train))[0], label)
     ctx.log(
         f"[{label}] {details['model']} student binarized ({details['bits']} W-E-A"
         + (f", attention {details['attention']}" if details["attention"] else "")
@@ -220,6 +222,42 @@ def run_binarize(state: ModelState, spec: BinarizeSpec, ctx: RunContext) -> Mode
     state.lineage.append(LineageEntry(stage=label, kind="binarize", metrics=metrics,
                                       details={**details, "epochs": len(result.history)}))
     return state
+
+
+def refuse_constant_activations(module: nn.Module, inputs: Any, label: str) -> None:
+    """RecipeError when a 1-bit activation is +1 for every value of a training batch: its input is never
+    negative (it follows a ReLU, or it is an image in [0, 1]), so sign() keeps nothing and the layer's
+    output no longer depends on the data. That network cannot learn, whatever the training; say so now
+    instead of after the epochs."""
+    from compressor.models.call import call
+
+    constant: list[str] = []
+    names = {m: n for n, m in module.named_modules()}
+
+    def check(mod: nn.Module, args: tuple) -> None:
+        if isinstance(args[0], Tensor) and bool((args[0] >= 0).all()):
+            constant.append(names[mod])
+
+    sites = [m for m in module.modules() if isinstance(m, ActQuant) and m.bits == 1]
+    handles = [m.register_forward_pre_hook(check) for m in sites]
+    modes = {m: m.training for m in module.modules()}
+    try:
+        module.eval()
+        with torch.no_grad():
+            call(module, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.train(mode)
+    if constant:
+        layers = ", ".join(n.removesuffix(".act") for n in constant)
+        raise RecipeError(
+            f"{label}: the 1-bit activations of {layers} are +1 for a whole training batch (the input is never "
+            "negative: a ReLU or [0, 1] pixels come before it), so those layers would ignore the data; give them "
+            "float activations with bits: '1-32-32' (1-bit weights only), leave them out of 'modules', or remove "
+            "the ReLU before them (1-bit networks use BatchNorm → sign)"
+        )
 
 
 # --- export (called by the pipeline when extras["binary"] is set) -------------------------------------

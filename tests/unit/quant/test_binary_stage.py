@@ -23,6 +23,7 @@ from compressor.quant.binary_stage import (
     first_divergence,
     freeze_parameters,
     frozen_tables,
+    refuse_constant_activations,
 )
 from compressor.recipe import parse_recipe
 from compressor.stages import load_stage_modules
@@ -102,6 +103,24 @@ def test_generic_models_binarize_by_glob_and_reject_bert_only_fields():
         binarize_student(mlp, BinarizeSpec())
     with pytest.raises(RecipeError, match="W-E-A"):
         binarize_student(tiny_encoder(), BinarizeSpec(bits="1-1"))
+
+
+def test_a_1bit_activation_that_is_always_plus_one_is_refused_before_training():
+    """After a ReLU (or on [0, 1] pixels) sign() is +1 everywhere: the layer would ignore its input."""
+    torch.manual_seed(0)
+    pixels = torch.rand(16, 8)  # in [0, 1), like the digits images
+    relu_net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    binarize_student(relu_net, BinarizeSpec(bits="1-1-1"))
+    with pytest.raises(RecipeError, match=r"binarize: the 1-bit activations of 0, 2 are \+1 for a whole training batch.*'1-32-32'"):
+        refuse_constant_activations(relu_net, pixels, "binarize")
+    # Centred inputs and BatchNorm → sign (no ReLU) carry information: accepted.
+    bn_net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 4))
+    binarize_student(bn_net, BinarizeSpec(bits="1-1-1"))
+    refuse_constant_activations(bn_net, pixels - 0.5, "binarize")
+    # Weights-only binarization has no 1-bit activation to check.
+    weights_only = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    binarize_student(weights_only, BinarizeSpec(bits="1-32-32"))
+    refuse_constant_activations(weights_only, pixels, "binarize")
 
 
 def test_find_bert_finds_the_encoder_inside_a_wrapper():
