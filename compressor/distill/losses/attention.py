@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,10 +13,10 @@ from compressor.distill.losses.base import (
     DistillLoss,
     Features,
     LayerMap,
+    PairedTapLoss,
     _as_pairs,
     _kl,
     _mask,
-    _pairs_from_params,
     register,
 )
 
@@ -38,7 +39,7 @@ def _query_key_mask(mask: Tensor | None, like: Tensor) -> Tensor | None:
 
 
 @register("tinybert_attention")
-class TinyBertAttention(DistillLoss):
+class TinyBertAttention(PairedTapLoss):
     """TinyBERT attention distillation (Jiao et al., 2020): `mean_h MSE(A_S, A_T)` per layer pair.
 
     A are [B, heads, L, L] attention maps (heads must be equal). Hugging Face returns softmax
@@ -47,17 +48,11 @@ class TinyBertAttention(DistillLoss):
     real key) entries are averaged.
     """
 
-    needs = ("taps",)
-
     def __init__(
         self,
-        pairs: list[list[str]] | None = None,
-        student_taps: list[str] | None = None,
-        teacher_taps: list[str] | None = None,
-        layer_map: LayerMap = None,
+        **taps: Any,
     ):
-        super().__init__(layer_map)
-        self.tap_refs = {"pairs": _pairs_from_params(self, pairs, student_taps, teacher_taps)}
+        super().__init__(**taps)
 
     def setup(self, student: Features, teacher: Features) -> None:
         for s_key, t_key in self.pairs():
@@ -172,7 +167,7 @@ class MiniLM(DistillLoss):
 
 
 @register("dmd")
-class DirectionMatching(DistillLoss):
+class DirectionMatching(PairedTapLoss):
     """BiBERT Direction-Matching Distillation (Qin et al., ICLR 2022).
 
     For each tap pair (the query, key and value linears of paired layers, [B, L, H]):
@@ -184,20 +179,14 @@ class DirectionMatching(DistillLoss):
     match it. Hidden sizes may differ (patterns are L×L); padded tokens' rows and columns are zeroed.
     """
 
-    needs = ("taps",)
-
     def __init__(
         self,
-        pairs: list[list[str]] | None = None,
-        student_taps: list[str] | None = None,
-        teacher_taps: list[str] | None = None,
-        layer_map: LayerMap = None,
         heads: int = 1,
         normalize: str = "batch",
         distance: str = "norm",
+        **taps: Any,
     ):
-        super().__init__(layer_map)
-        self.tap_refs = {"pairs": _pairs_from_params(self, pairs, student_taps, teacher_taps)}
+        super().__init__(**taps)
         if heads < 1:
             raise self.fail(f"heads must be >= 1, got {heads}")
         if normalize not in ("batch", "sample"):

@@ -101,6 +101,23 @@ class DistillLoss(nn.Module):
         raise NotImplementedError
 
 
+class PairedTapLoss(DistillLoss):
+    """A loss over (student tap, teacher tap) pairs, given as `pairs` or as `student_taps`/`teacher_taps`
+    paired by index (or by `layer_map`). Subclasses take their own parameters and pass `**taps` on."""
+
+    needs = ("taps",)
+
+    def __init__(
+        self,
+        pairs: list[list[str]] | None = None,
+        student_taps: list[str] | None = None,
+        teacher_taps: list[str] | None = None,
+        layer_map: LayerMap = None,
+    ):
+        super().__init__(layer_map)
+        self.tap_refs = {"pairs": _pairs_from_params(self, pairs, student_taps, teacher_taps)}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Validation helpers (the objective calls these through prepare(); usable on their own)
 # ---------------------------------------------------------------------------------------------------------
@@ -141,11 +158,24 @@ def prepare_losses(losses: dict[str, DistillLoss], student: Features, teacher: F
         loss.prepare(student, teacher)
 
 
+def accepted_params(cls: type) -> list[str]:
+    """The recipe parameters of a loss class: its __init__'s, plus its base's where it passes `**taps` on."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = list(inspect.signature(klass.__init__).parameters.values())[1:]
+        names += [p.name for p in params if p.kind is not p.VAR_KEYWORD and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+    return names
+
+
 def build_loss(name: str, params: dict | None = None) -> DistillLoss:
     """Instantiate a registered loss with its recipe parameters."""
     cls = LOSSES.get(name)
     params = dict(params or {})
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    accepted = accepted_params(cls)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise RecipeError(

@@ -3,6 +3,8 @@ attention transfer, FSP."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -11,11 +13,11 @@ from compressor.distill.losses.base import (
     DistillLoss,
     Features,
     LayerMap,
+    PairedTapLoss,
     Pairs,
     _as_pairs,
     _check_positive,
     _mask,
-    _pairs_from_params,
     _position_mean,
     register,
 )
@@ -32,10 +34,9 @@ def _width_dim(x: Tensor) -> int:
     return 1 if x.dim() == 4 else -1
 
 
-class _HintLoss(DistillLoss):
+class _HintLoss(PairedTapLoss):
     """`scale·‖h_T − r(g_S)‖²` per tap pair, summed over pairs; `r` created in prepare() when widths differ."""
 
-    needs = ("taps",)
     learned = True
     scale = 1.0
     default_reduction = "mean"
@@ -43,16 +44,12 @@ class _HintLoss(DistillLoss):
 
     def __init__(
         self,
-        pairs: list[list[str]] | None = None,
-        student_taps: list[str] | None = None,
-        teacher_taps: list[str] | None = None,
-        layer_map: LayerMap = None,
         regressor: str = "auto",
         shared_regressor: bool | None = None,
         reduction: str | None = None,
+        **taps: Any,
     ):
-        super().__init__(layer_map)
-        self.tap_refs = {"pairs": _pairs_from_params(self, pairs, student_taps, teacher_taps)}
+        super().__init__(**taps)
         if regressor not in ("auto", "always", "none"):
             raise self.fail(f"regressor must be 'auto', 'always' or 'none', got {regressor!r}")
         reduction = reduction or self.default_reduction
@@ -150,7 +147,7 @@ class TinyBertEmbedding(TinyBertHidden):
 
 
 @register("at")
-class AttentionTransfer(DistillLoss):
+class AttentionTransfer(PairedTapLoss):
     """Attention transfer (Zagoruyko & Komodakis, ICLR 2017).
 
     `Q = vec(Σ_c |A_c|^p)` per sample (channels are dim 1 of [B, C, H, W], the last dim of [B, L, C]),
@@ -159,20 +156,14 @@ class AttentionTransfer(DistillLoss):
     Channel counts may differ; spatial sizes must match.
     """
 
-    needs = ("taps",)
-
     def __init__(
         self,
-        pairs: list[list[str]] | None = None,
-        student_taps: list[str] | None = None,
-        teacher_taps: list[str] | None = None,
-        layer_map: LayerMap = None,
         p: float = 2.0,
         beta: float = 1.0,
         squared: bool = False,
+        **taps: Any,
     ):
-        super().__init__(layer_map)
-        self.tap_refs = {"pairs": _pairs_from_params(self, pairs, student_taps, teacher_taps)}
+        super().__init__(**taps)
         _check_positive(self, "p", p)
         self.p, self.beta, self.squared = p, beta, squared
 

@@ -337,3 +337,11 @@ def test_fsp_has_finite_gradients():
         feats({"a": a, "b": b}), feats({"a": torch.randn(2, 2, 3, 3, dtype=torch.float64), "b": b})
     ).backward()
     assert torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["at", "fitnets", "tinybert_hidden", "tinybert_attention", "dmd"])
+def test_tap_pair_losses_take_the_shared_tap_parameters_and_name_them_when_one_is_unknown(name):
+    loss = build_loss(name, {"student_taps": ["s1", "s2"], "teacher_taps": ["t1", "t2"]})
+    assert loss.pairs("pairs") == [("s1", "t1"), ("s2", "t2")]
+    with pytest.raises(RecipeError, match=rf"loss '{name}' has no parameter 'bogus'; accepted: .*pairs, student_taps, teacher_taps, layer_map"):
+        build_loss(name, {"pairs": [["s", "t"]], "bogus": 1})
