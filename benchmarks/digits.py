@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
+
+from _report import write_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 ROUNDS = 7
@@ -100,14 +101,8 @@ def main() -> None:
         f"int8 vs fp32 student at batch 1: {p50[('student fp32', 1)] / p50[(int8, 1)]:.2f}×; at batch 32: "
         f"{p50[('student fp32', 32)] / p50[(int8, 32)]:.2f}×. The student is tiny (~0.5M MACs), so at batch 1 the "
         "per-call overhead of ONNX Runtime is a large part of its time.",
-        "",
-        f"Machine: {os.cpu_count()} cores (AMD EPYC, AVX2, no VNNI), {sys.platform}; numbers are from one run of this "
-        "script. The recorded run shared the 2 cores with other jobs: trust the ratios (interleaved), not the absolute "
-        "times, and see the round spread column.",
     ]
-    out = REPO / "benchmarks" / "digits.md"
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown("digits", lines, "AMD EPYC, AVX2, no VNNI. Trust the ratios (interleaved), not the absolute times, and see the round spread column.")
     np.random.seed(0)
 
 

