@@ -8,7 +8,6 @@ with a baseline whose identity differs, and says which field differs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from compressor.artifact import sha256_file
 from compressor.errors import CompressorError
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class Baseline:
         path = self.path.parent / recorded["file"]
         if not path.is_file():
             return None
-        if recorded.get("sha256") and _sha256(path) != recorded["sha256"]:
+        if recorded.get("sha256") and sha256_file(path) != recorded["sha256"]:
             raise BaselineError(
                 f"baseline model {path} does not match the sha256 in {self.path} (stale copy); re-create both with "
                 "--update-baseline"
@@ -191,7 +191,7 @@ def write_baseline(
         copy = path.with_suffix(".onnx")
         shutil.copyfile(model, copy.with_name(copy.name + ".tmp"))
         os.replace(copy.with_name(copy.name + ".tmp"), copy)
-        model_entry = {"file": copy.name, "sha256": _sha256(copy)}
+        model_entry = {"file": copy.name, "sha256": sha256_file(copy)}
     data = {
         "schema": SCHEMA,
         "name": name,
@@ -213,10 +213,3 @@ def write_baseline(
     os.replace(tmp, path)
     return path
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -24,7 +24,6 @@ measurement (3): it is a definite result that must be fixed whatever the infrast
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from compressor.artifact import sha256_file
 from compressor.bench.baseline import (
     Baseline,
     BaselineError,
@@ -566,17 +566,10 @@ def model_beside(source: Path, report: dict[str, Any]) -> Path | None:
         for m in per_batch.values()
         if isinstance(m, dict)
     } - {None}
-    if recorded and sha256_of(model) not in recorded:
+    if recorded and sha256_file(model) not in recorded:
         raise BudgetError(f"{model} is not the model the report measured (sha256 differs); re-run `compress bench`")
     return model
 
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _key(budget: Budget) -> str:

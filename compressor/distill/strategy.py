@@ -320,11 +320,11 @@ def open_cache(objective: Objective, loader: DataLoader, spec, ctx: RunContext, 
 
 def fill_cache(cache: TeacherCache, dataset, loader: DataLoader, device: str = "cpu") -> None:
     """Run the teacher once over the dataset in order and store every answer."""
-    from compressor.train.distributed import _indexed_collate, _WithIndex
+    from compressor.train.distributed import WithIndex, indexed_collate
 
     ordered = DataLoader(
-        _WithIndex(dataset), batch_size=max(loader.batch_size or 1, 64), shuffle=False,
-        collate_fn=_indexed_collate(loader.collate_fn),
+        WithIndex(dataset), batch_size=max(loader.batch_size or 1, 64), shuffle=False,
+        collate_fn=indexed_collate(loader.collate_fn),
     )  # fmt: skip
     for index, (inputs, _target) in ordered:
         cache.features(index, to_device(inputs, device))  # writes the file once every index is filled

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from compressor.artifact import sha256_file
 from compressor.distill.losses import Features, check_logit_shapes
 from compressor.errors import RecipeError
 from compressor.models.call import primary_output
@@ -96,27 +97,6 @@ def hash_data(data: Dataset | Any) -> str:
     return h.hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class WithIndex(Dataset):
-    """Wraps a dataset so items are `(index, item)`: the teacher cache needs each sample's index."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[int, Any]:
-        return index, self.dataset[index]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Sparse top-k logits
 # ---------------------------------------------------------------------------------------------------------
@@ -172,7 +152,7 @@ class TeacherCache:
     `topk_logits(mode=topk_mode)`. Under DDP give every rank its own directory, or build the cache on one
     rank first: ranks do not coordinate writes.
 
-    Usage: `cache.features(indices, inputs) -> Features` per batch (indices from `WithIndex`).
+    Usage: `cache.features(indices, inputs) -> Features` per batch (indices from `compressor.train.distributed.WithIndex`).
     """
 
     FORMAT = 1
@@ -292,7 +272,7 @@ class TeacherCache:
         torch.save(payload, tmp)
         meta = {
             "key": self.key,
-            "sha256": _sha256_file(tmp),
+            "sha256": sha256_file(tmp),
             "num_items": self.num_items,
             "format": self.FORMAT,
         }
@@ -306,7 +286,7 @@ class TeacherCache:
             return
         try:
             meta = json.loads(self.meta_path.read_text())
-            if meta.get("sha256") != _sha256_file(self.path):
+            if meta.get("sha256") != sha256_file(self.path):
                 raise ValueError("sha256 mismatch")
             payload = torch.load(self.path, map_location="cpu", weights_only=True)
             if payload.get("key") != self.key or payload["filled"].shape != (self.num_items,):
@@ -496,7 +476,6 @@ __all__ = [
     "teacher_forward",
     "hash_module",
     "hash_data",
-    "WithIndex",
     "topk_logits",
     "TeacherCache",
     "combine_logits",

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from compressor.artifact import sha256_file
 from compressor.bench.measure import Protocol, summarize
 from compressor.errors import MeasurementError
 from compressor.targets import signature
@@ -26,7 +27,6 @@ from compressor.targets.base import (
     Transport,
     describe_exit,
     last_line,
-    sha256_file,
 )
 from compressor.targets.environment import ANDROID_PROBE, probe
 from compressor.targets.perf_test import build_perf_test_command, parse_perf_test_output, parse_result_file

@@ -8,7 +8,6 @@ decides what to run and how to read the output. `get_runner` in runner.py pairs 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -78,13 +77,6 @@ class Staged:
     workdir: str
     paths: dict[str, str]
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def last_line(text: str) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from compressor.artifact import sha256_file
 from compressor.bench.measure import Protocol, summarize
 from compressor.errors import MeasurementError
 from compressor.targets import device_bench
@@ -24,7 +25,6 @@ from compressor.targets.base import (
     Transport,
     describe_exit,
     last_line,
-    sha256_file,
 )
 from compressor.targets.environment import apply_setup
 from compressor.targets.profile import OnnxRuntimeSpec, TargetProfile

@@ -28,8 +28,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
+from compressor.artifact import sha256_file
 from compressor.errors import MeasurementError
-from compressor.targets.base import RunResult, Staged, Transport, last_line, sha256_file
+from compressor.targets.base import RunResult, Staged, Transport, last_line
 from compressor.targets.profile import SshConnection
 
 SSH_ERROR = 255  # ssh's own exit status for connection and authentication failures

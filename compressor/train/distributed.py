@@ -156,7 +156,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
         else:
             order = torch.arange(self.num_items)
         batches = list(order.split(self.batch_size))
-        if batches and (len(batches[-1]) < self.world or (self.drop_last and len(batches[-1]) < self.batch_size)):
+        if batches and (
+            len(batches[-1]) < self.world or (self.drop_last and len(batches[-1]) < self.batch_size)
+        ):
             batches.pop()
         return batches
 
@@ -190,7 +192,9 @@ class IndexedBatches:
             yield inputs, target, index
 
 
-class _WithIndex(Dataset):
+class WithIndex(Dataset):
+    """Items as `(index, item)`: the teacher cache and per-sample bookkeeping need each sample's index."""
+
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
 
@@ -201,7 +205,7 @@ class _WithIndex(Dataset):
         return index, self.dataset[index]
 
 
-def _indexed_collate(collate: Callable[[list[Any]], Any]) -> Callable[[list[Any]], Any]:
+def indexed_collate(collate: Callable[[list[Any]], Any]) -> Callable[[list[Any]], Any]:
     def collate_fn(items: list[tuple[int, Any]]) -> tuple[torch.Tensor, Any]:
         return torch.tensor([i for i, _ in items]), collate([item for _, item in items])
 
@@ -217,9 +221,11 @@ def training_loader(loader: DataLoader, seed: int, *, indexed: bool = False):
     """
     sampler = getattr(loader, "sampler", None)
     dataset = getattr(loader, "dataset", None)
-    standard = isinstance(sampler, RandomSampler | SequentialSampler) and isinstance(
-        getattr(loader, "batch_sampler", None), BatchSampler
-    ) and hasattr(dataset, "__len__")
+    standard = (
+        isinstance(sampler, RandomSampler | SequentialSampler)
+        and isinstance(getattr(loader, "batch_sampler", None), BatchSampler)
+        and hasattr(dataset, "__len__")
+    )
     if not standard:
         if is_distributed():
             raise CompressorError(
@@ -229,7 +235,9 @@ def training_loader(loader: DataLoader, seed: int, *, indexed: bool = False):
         if not indexed:
             return loader
         rebuilt = DataLoader(
-            _WithIndex(dataset), batch_sampler=loader.batch_sampler, collate_fn=_indexed_collate(loader.collate_fn),
+            WithIndex(dataset),
+            batch_sampler=loader.batch_sampler,
+            collate_fn=indexed_collate(loader.collate_fn),
             num_workers=loader.num_workers,
         )
         return IndexedBatches(rebuilt)
@@ -237,9 +245,11 @@ def training_loader(loader: DataLoader, seed: int, *, indexed: bool = False):
         len(dataset), loader.batch_size or 1, shuffle=isinstance(sampler, RandomSampler), seed=seed,
         rank=rank(), world=world_size(), drop_last=loader.drop_last,
     )  # fmt: skip
-    base = _WithIndex(dataset) if indexed else dataset
-    collate = _indexed_collate(loader.collate_fn) if indexed else loader.collate_fn
-    rebuilt = DataLoader(base, batch_sampler=batch_sampler, collate_fn=collate, num_workers=loader.num_workers)
+    base = WithIndex(dataset) if indexed else dataset
+    collate = indexed_collate(loader.collate_fn) if indexed else loader.collate_fn
+    rebuilt = DataLoader(
+        base, batch_sampler=batch_sampler, collate_fn=collate, num_workers=loader.num_workers
+    )
     return IndexedBatches(rebuilt) if indexed else rebuilt
 
 
@@ -258,7 +268,9 @@ def shard_loader(loader: DataLoader) -> tuple[DataLoader, int]:
     n = len(dataset)
     share = torch.tensor_split(torch.arange(n), world_size())[rank()].tolist()
     subset = torch.utils.data.Subset(dataset, share)
-    return DataLoader(subset, batch_size=loader.batch_size, shuffle=False, collate_fn=loader.collate_fn), len(share)
+    return DataLoader(subset, batch_size=loader.batch_size, shuffle=False, collate_fn=loader.collate_fn), len(
+        share
+    )
 
 
 __all__ = [

@@ -13,7 +13,6 @@ from compressor.distill.teachers import (
     MultiTeacher,
     ProgressiveTargets,
     TeacherCache,
-    WithIndex,
     combine_logits,
     freeze,
     hash_data,
@@ -25,6 +24,7 @@ from compressor.distill.teachers import (
     validation_kl,
 )
 from compressor.errors import RecipeError
+from compressor.train.distributed import WithIndex
 
 
 class Counted(nn.Module):
