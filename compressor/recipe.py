@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
+from compressor.config_files import validation_line
 from compressor.errors import RecipeError
 from compressor.stages import STAGES, StageSpec, load_stage_modules
 
@@ -192,21 +193,11 @@ class Recipe(Strict):
             try:
                 specs.append(registry.get(kind).spec.model_validate(raw))
             except ValidationError as exc:
-                raise ValueError(f"stages[{index}] ({kind}): {_first_error(exc)}") from None
+                raise ValueError(f"stages[{index}] ({kind}): {validation_line(exc)}") from None
         return specs
 
     def stage_names(self) -> list[str]:
         return [spec.name or f"{i}-{spec.kind}" for i, spec in enumerate(self.stages)]
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    path = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        return f"unknown field '{path}'"
-    given = err.get("input")
-    shown = f" (got {given!r})" if given is not None and not isinstance(given, dict | list) else ""
-    return f"{path}: {err['msg']}{shown}"
 
 
 def _error_line(exc: ValidationError, source: str) -> str:
@@ -216,10 +207,7 @@ def _error_line(exc: ValidationError, source: str) -> str:
         parent = path.rsplit(".", 1)[0] if "." in path else None
         allowed = _allowed_fields(parent)
         return f"{source}: unknown field '{path}'" + (f"; allowed here: {', '.join(allowed)}" if allowed else "")
-    given = err.get("input")
-    shown = f" (got {given!r})" if given is not None and not isinstance(given, dict | list) else ""
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{source}: {path}: {msg}{shown}"
+    return f"{source}: {validation_line(exc)}"
 
 
 def _allowed_fields(parent: str | None) -> list[str]:

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compressor.artifact import sha256_file
@@ -44,6 +43,7 @@ from compressor.bench.baseline import (
     write_baseline,
 )
 from compressor.bench.gate_stats import bootstrap_ci, paired_ratio_ci, point_value, ratio_ci
+from compressor.config_files import load_yaml_model
 from compressor.errors import CompressorError, MeasurementError
 
 LATENCY_METRICS = ("latency_p50", "latency_p90", "latency_p95", "latency_p99", "latency_mean")
@@ -181,17 +181,7 @@ def parse_regression(value: float | str | None, metric: str) -> float:
 def load_budget_file(path: Path) -> BudgetFile:
     """Read and validate a budgets file; units are checked here, before anything is measured."""
     path = Path(path)
-    if not path.is_file():
-        raise BudgetError(f"budgets file '{path}' does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-        spec = BudgetFile.model_validate(data)
-    except yaml.YAMLError as exc:
-        raise BudgetError(f"{path}: not valid YAML: {exc}") from None
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise BudgetError(f"{path}: {loc}: {err['msg'].removeprefix('Value error, ')}") from None
+    spec = load_yaml_model(path, BudgetFile, BudgetError, "budgets file")
     for budget in spec.budgets:
         budget.limit  # noqa: B018 - validates units up front
     if spec.baseline is not None and not spec.baseline.is_absolute():

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compressor.bench.plot import Point, pareto_front, plot_pareto
+from compressor.config_files import load_yaml_model
 from compressor.errors import CompressorError, MeasurementError, RecipeError
 
 DEFAULT_TARGET = "x86-cpu"
@@ -68,17 +69,7 @@ class SweepSpec(BaseModel):
 
 
 def load_sweep_spec(path: Path) -> SweepSpec:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"variants file '{path}' does not exist")
-    try:
-        return SweepSpec.model_validate(yaml.safe_load(path.read_text()))
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise RecipeError(f"{path}: {loc}: {err['msg'].removeprefix('Value error, ')}") from None
+    return load_yaml_model(path, SweepSpec, RecipeError, "variants file")
 
 
 def default_variants(raw: dict[str, Any]) -> list[VariantSpec]:

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from compressor.config_files import validation_line
 from compressor.errors import RecipeError
 
 PROFILE_SUFFIXES = (".yaml", ".yml")
@@ -226,22 +227,13 @@ def _find(name: str) -> Path | None:
     return None
 
 
-def _one_line(exc: ValidationError) -> str:
-    errors = exc.errors()
-    first = errors[0]
-    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after")) or "(top level)"
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    value = f" (got {first['input']!r})" if first["type"] not in ("missing",) and "input" in first else ""
-    return f"{loc}: {first['msg']}{value}{more}"
-
-
 def parse_profile(data: object, source: str = "<data>") -> TargetProfile:
     if not isinstance(data, dict):
         raise ProfileError(f"target profile {source} must be a YAML mapping, got {type(data).__name__}")
     try:
         return TargetProfile.model_validate(data)
     except ValidationError as exc:
-        raise ProfileError(f"target profile {source}: {_one_line(exc)}") from None
+        raise ProfileError(f"target profile {source}: {validation_line(exc)}") from None
 
 
 def load_profile(name_or_path: str) -> TargetProfile:
