@@ -99,7 +99,7 @@ def main() -> None:
         f"({'met' if speed >= 3 else 'NOT met'}).",
         "",
         f"int8 vs fp32 student at batch 1: {p50[('student fp32', 1)] / p50[(int8, 1)]:.2f}×; at batch 32: "
-        f"{p50[('student fp32', 32)] / p50[(int8, 32)]:.2f}×. The student is tiny (~0.5M MACs), so at batch 1 the "
+        f"{p50[('student fp32', 32)] / p50[(int8, 32)]:.2f}×. The student is tiny (0.32M MACs), so at batch 1 the "
         "per-call overhead of ONNX Runtime is a large part of its time.",
     ]
     write_markdown("digits", lines, "AMD EPYC, AVX2, no VNNI. Trust the ratios (interleaved), not the absolute times, and see the round spread column.")

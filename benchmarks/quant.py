@@ -2,7 +2,7 @@
 
 Three models, every artifact exported to ONNX, run in ONNX Runtime and measured the same way:
 
-1. digits (the README example): the 16K-param student distilled from the cached digits teacher, then
+1. digits (the README example): the 10K-param student distilled from the cached digits teacher, then
    - float: the distilled student, exported fp32;
    - PTQ static Q/DQ with MinMax / Entropy / Percentile calibration (compressor.quant.ptq);
    - QAT+KD int8 and int4-weights: the `qat` stage (Brevitas, Hinton KD from the float teacher).

@@ -37,7 +37,7 @@ class DigitsCNN(nn.Module):
 
 @MODELS.register("digits_teacher")
 def digits_teacher(num_classes: int = 10) -> nn.Module:
-    """~1.0M parameters, ~21M MACs per image."""
+    """528K parameters, 11.9M MACs per image."""
     return DigitsCNN(widths=(64, 128, 128, 256), num_classes=num_classes)
 
 
@@ -49,7 +49,7 @@ def digits_assistant(num_classes: int = 10) -> nn.Module:
 
 @MODELS.register("digits_student")
 def digits_student(num_classes: int = 10) -> nn.Module:
-    """~16K parameters, ~0.5M MACs per image."""
+    """10K parameters (9,978), 0.32M MACs per image."""
     return DigitsCNN(widths=(16, 32), num_classes=num_classes)
 
 

@@ -104,3 +104,27 @@ def test_missing_recipe_and_dry_run(cli_env, tmp_path):
     assert "does not exist" in result.stderr
     result = run_cli(["run", EXAMPLE, "--dry-run", "--set", "train.epochs=1"], cli_env, check_rc=0)
     assert "epochs: 1" in result.stdout and not (tmp_path / "runs").exists()
+
+
+def test_verify_exit_codes_and_a_tampered_copy(artifact, cli_env, tmp_path):
+    import shutil
+
+    run_cli(["verify", artifact], cli_env, check_rc=0)
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    with open(copy / "model.onnx", "ab") as handle:
+        handle.write(b"\0")
+    result = run_cli(["verify", copy], cli_env, check_rc=1)
+    assert "model.onnx" in result.stdout + result.stderr
+
+
+def test_bench_on_an_unreachable_target_is_exit_3_and_records_nothing(artifact, cli_env, tmp_path):
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "gone.yaml").write_text(
+        "name: gone\nconnection: {kind: ssh, host: 127.0.0.1, port: 1, user: nobody, connect_timeout_s: 2, retries: 0}\n"
+        "runtime: {kind: onnxruntime}\n"
+    )
+    before = (artifact / "report.json").read_bytes()
+    result = run_cli(["bench", artifact, "--target", "gone", "--iterations", "5"], {**cli_env, "COMPRESSOR_TARGETS_PATH": str(profiles)}, check_rc=3)
+    assert len(result.stderr.strip().splitlines()) == 1 and (artifact / "report.json").read_bytes() == before

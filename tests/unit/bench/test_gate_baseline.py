@@ -14,11 +14,11 @@ from compressor.bench.gate import BudgetFile, LatencyEvidence, gate_report, judg
 from compressor.bench.gate_stats import bootstrap_ci, paired_ratio_ci, ratio_ci
 
 
-def measurement(samples, target="x86-cpu", batch=1, version="1.32.0", shape=(1, 8), threads=1) -> dict:
+def measurement(samples, target="x86-cpu", batch=1, version="1.32.0", shape=(1, 8), threads=1, kind="end-to-end") -> dict:
     return {
         "target": target,
         "batch": batch,
-        "kind": "end-to-end",
+        "kind": kind,
         "stats": {},
         "protocol": {"warmup": 1, "iterations": len(samples)},
         "environment": {
@@ -128,6 +128,7 @@ def test_baseline_round_trip_keeps_runs_identity_and_model(tmp_path):
         ({"version": "1.31.0"}, "runtime version differs (baseline: 1.31.0, this measurement: 1.32.0)"),
         ({"shape": (1, 16)}, 'input shape differs (baseline: {"input": [1, 16]}, this measurement: {"input": [1, 8]})'),
         ({"threads": 4}, "thread count differs (baseline: 4, this measurement: 1)"),
+        ({"kind": "compute-only"}, "measurement kind differs (baseline: compute-only, this measurement: end-to-end)"),
         ({"target": "jetson-orin-nano"}, "has no x86-cpu batch 1 (it has: jetson-orin-nano/batch_1)"),
     ],
 )

@@ -67,9 +67,13 @@ def test_update_baseline_then_gate_side_by_side(artifact, tmp_path, capsys):
     rel = budgets(tmp_path, "{metric: latency_p50, target: x86-cpu, max_regression: 400%}", "{metric: size, max_regression: 0%}",
                   policy="{remeasure: 4, baseline_runs: 3}")  # fmt: skip
     base = tmp_path / "baselines" / "x86-cpu.json"
-    assert main(["gate", str(artifact), "--budgets", str(rel), "--update-baseline", str(base)]) == 0
+    junit = tmp_path / "gate.xml"
+    assert main(["gate", str(artifact), "--budgets", str(rel), "--update-baseline", str(base), "--junit", str(junit)]) == 0
     out = capsys.readouterr().out
     assert "SKIPPED latency_p50 on x86-cpu batch 1 vs baseline: not judged" in out and "baseline written to" in out
+    suite = ET.parse(junit).getroot()
+    skipped = [case for case in suite.iter("testcase") if case.find("skipped") is not None]
+    assert [case.get("name") for case in skipped] == ["latency_p50 on x86-cpu batch 1 vs baseline", "size vs baseline"]
     data = json.loads(base.read_text())
     assert len(data["entries"]["x86-cpu/batch_1"]["runs_ms"]) == 3
     assert (base.parent / "x86-cpu.onnx").read_bytes() == (artifact / "model.onnx").read_bytes()

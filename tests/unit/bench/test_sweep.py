@@ -117,7 +117,13 @@ def test_sweep_end_to_end_on_digits(tmp_path, monkeypatch):
     assert [by_name[n].status for n in ("teacher", "kd-fp32", "kd-int8", "kd-later")] == ["ok", "ok", "ok", "skipped"]
     for v in (by_name["teacher"], by_name["kd-fp32"], by_name["kd-int8"]):
         assert 0.5 < v.accuracy <= 1 and v.latency["p50"] > 0 and v.size_bytes == Path(v.artifact, "model.onnx").stat().st_size
-    assert by_name["teacher"].size_bytes > 20 * by_name["kd-int8"].size_bytes  # 1M-parameter teacher vs 16K int8 student
+    assert by_name["teacher"].size_bytes > 20 * by_name["kd-int8"].size_bytes  # 528K-parameter teacher vs 10K int8 student
     assert (tmp_path / "s" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "s" / "sweep.md").read_text()
     assert "| kd-int8 | distill → qat |" in md and "![accuracy vs latency](pareto.png)" in md
+    # A second sweep with the same resolved recipes reuses the trained artifacts and measures them again.
+    logs: list[str] = []
+    again = run_sweep(EXAMPLES / "digits.yaml", variants=variants, out=tmp_path / "s", overrides=quick, log=logs.append)
+    assert again.exit_code == 0 and sum("reusing the trained artifact" in line for line in logs) == 2
+    assert {v.name: v.accuracy for v in again.variants if v.name.startswith("kd-")} == {
+        n: by_name[n].accuracy for n in ("kd-fp32", "kd-int8")} | {"kd-later": None}

@@ -1,5 +1,7 @@
 """Export is checked by running the exported file in ONNX Runtime."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -82,7 +84,16 @@ def test_full_range_weights_lose_parity_on_saturating_kernels(tmp_path):
         x = torch.rand(64, 1, 8, 8)
         errors[name] = float(np.abs(session(path).run(None, {"input": x.numpy()})[0] - model(x).detach().numpy()).max())
     assert errors["reduced"] < 1e-4
-    assert errors["full"] >= errors["reduced"]  # equal on VNNI/ARM CPUs, much larger on AVX2/AVX-512 without VNNI
+    assert errors["full"] >= errors["reduced"]  # equal on VNNI/ARM CPUs
+    if _x86_without_vnni():
+        assert errors["full"] > 0.01  # saturated: 0.07 here, where the 7-bit export is exact to 2e-7
+
+
+def _x86_without_vnni() -> bool:
+    import platform
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return platform.machine() in ("x86_64", "AMD64") and "avx2" in flags and "vnni" not in flags
 
 
 def test_propagate_qdq_moves_quantizers_without_changing_values(tmp_path):
