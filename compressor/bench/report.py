@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from compressor.export.inspect import is_faster
+
 NOT_MEASURED = "not measured"
 # Keys a stage may record in its lineage metrics; only what a stage measured is shown.
 _PARAM_KEYS = ("parameters", "params")
@@ -85,8 +87,8 @@ def _quant_method(quant: dict[str, Any]) -> str:
 
 def _latency_vs_float_line(comparison: dict[str, Any]) -> str:
     protocol = comparison.get("protocol") or {}
-    # `faster` is compare_latency's verdict (speed-up above the ~5% noise of a round), not just > 1.
-    verdict = "faster" if comparison.get("faster") else "slower" if comparison["speedup"] < 1 else "not faster beyond noise"
+    # Faster means beyond the ~5% noise of a side-by-side round (compare_latency's rule), not just > 1.
+    verdict = "faster" if is_faster(comparison["speedup"]) else "slower" if comparison["speedup"] < 1 else "not faster beyond noise"
     return (
         f"Quantized vs a float export of the same student on {comparison.get('target')} at batch {comparison.get('batch')}: "
         f"p50 {comparison['quantized_p50_ms']:.4f} ms vs {comparison['float_p50_ms']:.4f} ms, speed-up **{comparison['speedup']:.2f}×** "

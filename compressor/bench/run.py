@@ -59,7 +59,6 @@ def latency_vs_float(model_path: Path, float_path: Path, target: str, bench_spec
     protocol = Protocol(warmup=min(bench_spec.warmup, COMPARE_MAX_WARMUP), iterations=min(bench_spec.iterations, COMPARE_MAX_ITERATIONS))
     batch = min(bench_spec.batches)
     result = compare_latency(Path(model_path), Path(float_path), target=target, batch=batch, protocol=protocol, rounds=bench_spec.compare_float_rounds)
-    result["float_p50_ms"] = result.pop("reference_p50_ms")
     result["protocol"] = {
         "warmup": protocol.warmup, "iterations": protocol.iterations, "rounds": bench_spec.compare_float_rounds,
         "order": "side by side: both files in one process per round, alternating blocks, first file swapped each round; p50 = median of the per-round p50s",

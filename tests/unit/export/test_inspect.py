@@ -71,14 +71,14 @@ def test_compare_latency_measures_both_files_on_the_local_target(tmp_path):
     small = export_onnx(nn.Linear(8, 8).eval(), (torch.rand(1, 8),), tmp_path / "small.onnx")
     big = export_onnx(nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)]).eval(), (torch.rand(1, 256),), tmp_path / "big.onnx")
     result = compare_latency(small, big, protocol=Protocol(warmup=5, iterations=30, threads=1), rounds=1)
-    assert result["quantized_p50_ms"] > 0 and result["reference_p50_ms"] > 0
-    assert result["speedup"] == pytest.approx(result["reference_p50_ms"] / result["quantized_p50_ms"])
+    assert result["quantized_p50_ms"] > 0 and result["float_p50_ms"] > 0
+    assert result["speedup"] == pytest.approx(result["float_p50_ms"] / result["quantized_p50_ms"])
     assert result["faster"]  # 8×256×256 MACs vs 64: the small file must win
     assert not_faster_warning(result) is None
 
 
 def test_not_faster_warning_names_the_likely_cause():
-    slow = {"faster": False, "quantized_p50_ms": 0.2, "reference_p50_ms": 0.19, "speedup": 0.95, "target": "x86-cpu", "batch": 1}
+    slow = {"faster": False, "quantized_p50_ms": 0.2, "float_p50_ms": 0.19, "speedup": 0.95, "target": "x86-cpu", "batch": 1}
     assert "only 40% of its MACs run in integer kernels" in not_faster_warning(slow, 0.4)
     assert "per-call overhead" in not_faster_warning(slow, 1.0)
     assert not_faster_warning(slow).startswith("quantized but not faster: 0.2000 ms vs float 0.1900 ms")
