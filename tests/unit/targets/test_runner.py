@@ -249,3 +249,31 @@ def test_paired_measurement_times_both_models_in_one_process_in_alternating_bloc
 def test_paired_measurement_refuses_a_missing_second_model(tmp_path):
     with pytest.raises(MeasurementError, match=r"model file .*absent.onnx does not exist"):
         get_runner(_local()).measure_pair(_mlp(tmp_path / "m.onnx"), tmp_path / "absent.onnx", FAST)
+
+
+def test_paired_measurement_loads_a_b_b_a_and_flips_the_order_every_block(tmp_path, monkeypatch, capsys):
+    first, second = _mlp(tmp_path / "a.onnx"), _mlp(tmp_path / "b.onnx")
+    loads, runs = [], []
+    real_load = device_bench._load
+
+    class Recorded:
+        def __init__(self, session, name):
+            self.session, self.name = session, name
+
+        def __getattr__(self, attr):
+            return getattr(self.session, attr)
+
+        def run(self, outputs, feeds):
+            runs.append(self.name)
+            return self.session.run(outputs, feeds)
+
+    def load(ort, so, path, args):
+        loads.append(Path(path).stem)
+        return Recorded(real_load(ort, so, path, args), Path(path).stem)
+
+    monkeypatch.setattr(device_bench, "_load", load)
+    code = device_bench.main(["--model", str(first), "--compare", str(second), "--iterations", "6", "--warmup", "0",
+                              "--block", "3", "--threads", "1"])  # fmt: skip
+    assert code == 0 and capsys.readouterr().out
+    assert loads == ["a", "b", "b", "a"]  # two sessions each; neither model always loads first
+    assert runs == ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3  # blocks of 3, order flipped every round
